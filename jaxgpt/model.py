@@ -1,0 +1,207 @@
+"""The notebook's character-level GPT as a Flax NNX module.
+
+Mirrors `../shared/SPEC.md` exactly (pre-norm blocks, ReLU MLP, learned absolute positions,
+torch LayerNorm numerics) but computes all heads at once: the per-head torch projections are
+fused into one `qkv` kernel by `porting.keymap`. Shapes use B batch, T query length, S key
+length, D model_dim, H heads, K head_size, F hidden (4D), V vocab.
+
+Modes: a freshly built GPT is in eval mode (dropout off, fully deterministic). `model.train()`
+turns dropout on; a training call must then pass `rngs=` (an `nnx.Rngs` with a `dropout`
+stream, or a key). `model.eval()` turns it off again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgpt.config import GPTConfig
+
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default
+_init = nnx.initializers.normal(stddev=0.02)
+
+
+class LayerCache(NamedTuple):
+    """Keys and values of one block for every position of the context window."""
+
+    k: jax.Array  # (B, C, H, K)
+    v: jax.Array  # (B, C, H, K)
+
+
+KVCache = tuple[LayerCache, ...]  # one LayerCache per block
+
+
+def init_cache(config: GPTConfig, batch: int, dtype=jnp.float32) -> KVCache:
+    """An all-zero cache `(B, context_length, H, K)` per block; zeros are masked out until written."""
+    shape = (batch, config.context_length, config.num_heads, config.head_size)
+    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_blocks))
+
+
+def _layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # use_fast_variance=False: torch computes the biased variance as mean((x - mean)^2), not
+    # mean(x^2) - mean^2, which loses precision and would cost the 1e-5 parity.
+    return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPS, use_fast_variance=False, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention, all heads in one einsum."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        d, h, k = config.model_dim, config.num_heads, config.head_size
+        self.num_heads, self.head_size = h, k
+        # Fused query/key/value projection, no bias (the notebook's heads have none).
+        # Axis 1 is (query, key, value); torch head j's weight [K, D] is kernel[:, c, j, :].T.
+        self.qkv = nnx.Param(_init(rngs.params(), (d, 3, h, k)))
+        if config.variant == "drake":
+            # `compute`: Linear(D, D) over the heads concatenated in order j = 0..H-1.
+            self.out_kernel = nnx.Param(_init(rngs.params(), (h, k, d)) / math.sqrt(2 * config.num_blocks))
+            self.out_bias = nnx.Param(jnp.zeros((d,)))
+        else:
+            self.out_kernel = None
+            self.out_bias = None
+
+    def __call__(self, x, positions, cache: LayerCache | None = None, start=0):
+        """Attends each query to the keys at positions <= its own.
+
+        Args:
+          x: `(B, T, D)` normalised inputs.
+          positions: `(T,)` int positions of the queries (start + 0..T-1).
+          cache: optional `LayerCache`; the new keys and values are written at `start` and the
+            queries attend to the whole cache (positions beyond them are masked).
+          start: first position of `x` in the cache (traced int allowed).
+
+        Returns:
+          `(B, T, D)` attention output, and the updated `LayerCache` (or None without cache).
+        """
+        qkv = jnp.einsum("btd,dchk->btchk", x, self.qkv[...])  # (B, T, 3, H, K)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, K) each
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, start, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, start, 0, 0))
+            cache = LayerCache(k, v)
+            key_positions = jnp.arange(k.shape[1])  # (S,) = (C,)
+        else:
+            key_positions = positions
+        scores = jnp.einsum("bthk,bshk->bhts", q, k) / math.sqrt(self.head_size)  # (B, H, T, S)
+        causal = key_positions[None, :] <= positions[:, None]  # (T, S)
+        scores = jnp.where(causal, scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1)
+        heads = jnp.einsum("bhts,bshk->bthk", probs, v)  # (B, T, H, K)
+        if self.out_kernel is None:  # "learning": concat_j head_j goes straight to the residual
+            out = heads.reshape(*heads.shape[:2], -1)  # (B, T, D)
+        else:
+            out = jnp.einsum("bthk,hkd->btd", heads, self.out_kernel[...]) + self.out_bias[...]
+        return out, cache
+
+
+class MLP(nnx.Module):
+    """The notebook's `vanilla_nn`: Linear(D, 4D) -> ReLU -> Linear(4D, D)."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        d, f = config.model_dim, config.hidden_dim
+        self.up = nnx.Linear(d, f, kernel_init=_init, rngs=rngs)
+        down_init = nnx.initializers.normal(stddev=0.02 / math.sqrt(2 * config.num_blocks))
+        self.down = nnx.Linear(f, d, kernel_init=down_init, rngs=rngs)
+
+    def __call__(self, x):  # (B, T, D) -> (B, T, D)
+        return self.down(jax.nn.relu(self.up(x)))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block with two residual branches."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        d = config.model_dim
+        self.norm1 = _layer_norm(d, rngs)
+        self.attention = Attention(config, rngs=rngs)
+        self.norm2 = _layer_norm(d, rngs)
+        self.mlp = MLP(config, rngs=rngs)
+        # The "learning" notebook has no dropout on the attention branch.
+        self.attention_dropout = (
+            nnx.Dropout(config.dropout, deterministic=True) if config.variant == "drake" else None
+        )
+        self.mlp_dropout = nnx.Dropout(config.dropout, deterministic=True)
+
+    def __call__(self, x, positions, cache=None, start=0, rngs=None):
+        a, cache = self.attention(self.norm1(x), positions, cache, start)
+        if self.attention_dropout is not None:
+            a = self.attention_dropout(a, rngs=rngs)
+        x = x + a
+        x = x + self.mlp_dropout(self.mlp(self.norm2(x)), rngs=rngs)
+        return x, cache
+
+
+class GPT(nnx.Module):
+    """Character-level GPT. `model(tokens)` maps int tokens `(B, T)` to logits `(B, T, V)`."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        d = config.model_dim
+        self.token_embedding = nnx.Embed(config.vocab_size, d, embedding_init=_init, rngs=rngs)
+        self.pos_embedding = nnx.Embed(config.context_length, d, embedding_init=_init, rngs=rngs)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_blocks)])
+        self.final_norm = _layer_norm(d, rngs)
+        self.vocab_projection = nnx.Linear(d, config.vocab_size, kernel_init=_init, rngs=rngs)
+
+    def __call__(self, tokens, *, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+        """Logits of every position.
+
+        Args:
+          tokens: int `(B, T)`, numpy or jax, T <= context_length, ids in [0, vocab_size).
+          rngs: dropout randomness, required in training mode only.
+
+        Returns:
+          float32 logits `(B, T, V)`.
+        """
+        logits, _ = self.forward(tokens, rngs=rngs)
+        return logits
+
+    def forward(self, tokens, cache: KVCache | None = None, start=0, *, rngs=None, last_only=False):
+        """Forward pass at positions start..start+T-1, optionally reading and writing a KV cache.
+
+        Args:
+          tokens: int `(B, T)`.
+          cache: optional KV cache from `init_cache`; keys/values of `tokens` are written at
+            `start` and the queries attend to every cached position up to their own.
+          start: position of `tokens[:, 0]` (a traced int is fine; must be 0 without cache).
+          rngs: dropout randomness (training mode only).
+          last_only: return logits of the last position only, `(B, 1, V)`: the final norm and
+            the vocabulary projection are then skipped for the other positions.
+
+        Returns:
+          logits `(B, T, V)` (or `(B, 1, V)`), and the updated cache (None without one).
+        """
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (B, T), got {tokens.shape}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens must be integers, got dtype {tokens.dtype}")
+        t = tokens.shape[1]
+        if t > self.config.context_length or t == 0:
+            raise ValueError(f"sequence length {t} must be in 1..context_length={self.config.context_length}")
+        if isinstance(rngs, jax.Array):
+            rngs = nnx.Rngs(dropout=rngs)
+        if self.training and rngs is None and self.config.dropout > 0:
+            raise ValueError("GPT is in training mode: pass rngs= for dropout, or call model.eval()")
+        positions = start + jnp.arange(t)  # (T,)
+        x = self.token_embedding(tokens) + self.pos_embedding(positions)[None]  # (B, T, D)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, positions, None if cache is None else cache[i], start, rngs)
+            new_cache.append(layer_cache)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.vocab_projection(self.final_norm(x))  # (B, T, V)
+        return logits, (tuple(new_cache) if cache is not None else None)
+
+    @property
+    def training(self) -> bool:
+        return not self.blocks[0].mlp_dropout.deterministic
+
+    def num_params(self) -> int:
+        return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))

@@ -1,0 +1,248 @@
+"""An independent torch implementation in the notebooks' exact structure (per-head modules).
+
+This is the yardstick: the parity tests and benchmarks compare jaxgpt against it, and
+`porting.save_weights` output must load into it with `load_state_dict(strict=True)`.
+`DrakeGPT` has the published checkpoint's key names; `LearningGPT` the step-by-step
+notebook's (no attention output projection, no attention dropout).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _causal_attention(k, q, v):
+    scores = q @ torch.transpose(k, 1, 2)  # (B, T, T)
+    t, head_size = k.shape[1], k.shape[2]
+    scores = scores / (head_size**0.5)
+    mask = torch.tril(torch.ones(t, t, device=k.device)) == 0
+    scores = scores.masked_fill(mask, float("-inf"))
+    return F.softmax(scores, dim=2) @ v  # (B, T, K)
+
+
+# ----------------------------------------------------------------------------- "drake"
+class SingleHeadAttention(nn.Module):
+    def __init__(self, model_dim, head_size):
+        super().__init__()
+        self.key_layer = nn.Linear(model_dim, head_size, bias=False)
+        self.query_layer = nn.Linear(model_dim, head_size, bias=False)
+        self.value_layer = nn.Linear(model_dim, head_size, bias=False)
+
+    def forward(self, embedded):
+        return _causal_attention(self.key_layer(embedded), self.query_layer(embedded), self.value_layer(embedded))
+
+
+class MultiHeadedSelfAttention(nn.Module):
+    def __init__(self, model_dim, num_heads, dropout=0.2):
+        super().__init__()
+        self.attention_heads = nn.ModuleList(
+            [SingleHeadAttention(model_dim, model_dim // num_heads) for _ in range(num_heads)]
+        )
+        self.compute = nn.Linear(model_dim, model_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, embedded):
+        heads = [head(embedded) for head in self.attention_heads]
+        return self.dropout(self.compute(torch.cat(heads, dim=2)))
+
+
+class VanillaNeuralNetwork(nn.Module):
+    def __init__(self, model_dim, dropout=0.2):
+        super().__init__()
+        self.first_linear_layer = nn.Linear(model_dim, model_dim * 4)
+        self.relu = nn.ReLU()
+        self.second_linear_layer = nn.Linear(model_dim * 4, model_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.second_linear_layer(self.relu(self.first_linear_layer(x))))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, model_dim, num_heads, dropout=0.2):
+        super().__init__()
+        self.mhsa = MultiHeadedSelfAttention(model_dim, num_heads, dropout)
+        self.vanilla_nn = VanillaNeuralNetwork(model_dim, dropout)
+        self.layer_norm_one = nn.LayerNorm(model_dim)
+        self.layer_norm_two = nn.LayerNorm(model_dim)
+
+    def forward(self, embedded):
+        embedded = embedded + self.mhsa(self.layer_norm_one(embedded))
+        return embedded + self.vanilla_nn(self.layer_norm_two(embedded))
+
+
+class DrakeGPT(nn.Module):
+    def __init__(self, vocab_size=104, context_length=128, model_dim=252, num_blocks=6, num_heads=6, dropout=0.2):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, model_dim)
+        self.pos_embedding = nn.Embedding(context_length, model_dim)
+        self.transformer_blocks = nn.Sequential(
+            *[TransformerBlock(model_dim, num_heads, dropout) for _ in range(num_blocks)]
+        )
+        self.layer_norm_three = nn.LayerNorm(model_dim)
+        self.vocab_projection = nn.Linear(model_dim, vocab_size)
+
+    def forward(self, context):
+        embedded = self.token_embedding(context)
+        positions = torch.arange(context.shape[1], device=context.device)
+        embedded = embedded + self.pos_embedding(positions)
+        return self.vocab_projection(self.layer_norm_three(self.transformer_blocks(embedded)))
+
+
+# ----------------------------------------------------------------------------- "learning"
+class LearningHead(nn.Module):
+    def __init__(self, model_dim, head_size):
+        super().__init__()
+        self.key_gen = nn.Linear(model_dim, head_size, bias=False)
+        self.query_gen = nn.Linear(model_dim, head_size, bias=False)
+        self.value_gen = nn.Linear(model_dim, head_size, bias=False)
+
+    def forward(self, embedded):
+        return _causal_attention(self.key_gen(embedded), self.query_gen(embedded), self.value_gen(embedded))
+
+
+class LearningAttention(nn.Module):
+    def __init__(self, model_dim, num_heads):
+        super().__init__()
+        self.att_heads = nn.ModuleList([LearningHead(model_dim, model_dim // num_heads) for _ in range(num_heads)])
+
+    def forward(self, embedded):
+        return torch.cat([head(embedded) for head in self.att_heads], dim=2)
+
+
+class LearningFeedForward(nn.Module):
+    def __init__(self, model_dim, dropout=0.2):
+        super().__init__()
+        self.up_projection = nn.Linear(model_dim, model_dim * 4)
+        self.relu = nn.ReLU()
+        self.down_projection = nn.Linear(model_dim * 4, model_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down_projection(self.relu(self.up_projection(x))))
+
+
+class LearningBlock(nn.Module):
+    def __init__(self, model_dim, num_heads, dropout=0.2):
+        super().__init__()
+        self.attention = LearningAttention(model_dim, num_heads)
+        self.linear_network = LearningFeedForward(model_dim, dropout)
+        self.first_norm = nn.LayerNorm(model_dim)
+        self.second_norm = nn.LayerNorm(model_dim)
+
+    def forward(self, embedded):
+        embedded = embedded + self.attention(self.first_norm(embedded))
+        return embedded + self.linear_network(self.second_norm(embedded))
+
+
+class LearningGPT(nn.Module):
+    def __init__(self, vocab_size=104, context_length=128, model_dim=252, num_blocks=6, num_heads=6, dropout=0.2):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(vocab_size, model_dim)
+        self.pos_embeddings = nn.Embedding(context_length, model_dim)
+        self.blocks = nn.Sequential(*[LearningBlock(model_dim, num_heads, dropout) for _ in range(num_blocks)])
+        self.final_ln = nn.LayerNorm(model_dim)
+        self.vocab_projection = nn.Linear(model_dim, vocab_size)
+
+    def forward(self, context):
+        embedded = self.token_embeddings(context)
+        positions = torch.arange(context.shape[1], device=context.device)
+        embedded = embedded + self.pos_embeddings(positions)
+        return self.vocab_projection(self.final_ln(self.blocks(embedded)))
+
+
+def make_reference(variant="drake", **config):
+    """A torch reference model of the given variant, in eval mode."""
+    cls = {"drake": DrakeGPT, "learning": LearningGPT}[variant]
+    return cls(**config).eval()
+
+
+def reference_from_config(config):
+    """A torch reference model matching a `jaxgpt.GPTConfig`, in eval mode."""
+    return make_reference(
+        config.variant,
+        vocab_size=config.vocab_size,
+        context_length=config.context_length,
+        model_dim=config.model_dim,
+        num_blocks=config.num_blocks,
+        num_heads=config.num_heads,
+        dropout=config.dropout,
+    )
+
+
+# ----------------------------------------------------------------------------- generation
+@torch.no_grad()
+def notebook_generate(model, new_chars, context, context_length, int_to_char=None):
+    """The notebook's loop, verbatim in substance: multinomial draws from torch's global RNG."""
+    res = []
+    for _ in range(new_chars):
+        if context.shape[1] > context_length:
+            context = context[:, -context_length:]
+        logits = model(context)[:, -1, :]
+        probabilities = F.softmax(logits, dim=-1)
+        next_char = torch.multinomial(probabilities, 1)
+        context = torch.cat((context, next_char), dim=-1)
+        res.append(next_char)
+    tokens = torch.cat(res, dim=1)
+    if int_to_char is not None:
+        return "".join(int_to_char[int(i)] for i in tokens[0])
+    return tokens
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """Temperature, then top-k, then top-p (nucleus), as jaxgpt.sampling defines them.
+
+    top-k keeps every logit >= the k-th largest (ties kept); top-p keeps, in descending
+    probability order, each token whose preceding cumulative mass is < p (so the top token
+    is always kept). Temperature 0 (or top_k=1) is greedy and handled by the caller.
+    """
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        probs = F.softmax(logits, dim=-1)
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        remove_sorted = before >= top_p
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def inverse_cdf_pick(logits, u):
+    """First index whose cumulative probability exceeds u * total, per row. logits (B, V), u (B,)."""
+    probs = F.softmax(logits, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    threshold = u[:, None].to(cdf.dtype) * cdf[:, -1:]
+    index = (cdf <= threshold).sum(dim=-1)
+    return index.clamp(max=logits.shape[-1] - 1)
+
+
+@torch.no_grad()
+def inverse_cdf_generate(model, context, uniforms, context_length, temperature=1.0, top_k=None, top_p=None):
+    """The notebook's loop with the multinomial replaced by inverse-CDF sampling.
+
+    Args:
+      model: a reference model in eval mode.
+      context: int64 `(B, T)` prompt.
+      uniforms: float `(B, N)` one uniform in [0, 1) per row and step (ignored when greedy).
+      temperature, top_k, top_p: as in `filter_logits`; temperature 0 or top_k=1 is greedy.
+
+    Returns:
+      int64 `(B, N)` generated tokens.
+    """
+    out = []
+    for step in range(uniforms.shape[1]):
+        if context.shape[1] > context_length:
+            context = context[:, -context_length:]
+        logits = model(context)[:, -1, :]
+        if temperature == 0 or top_k == 1:
+            nxt = torch.argmax(logits, dim=-1)
+        else:
+            nxt = inverse_cdf_pick(filter_logits(logits, temperature, top_k, top_p), uniforms[:, step])
+        context = torch.cat((context, nxt[:, None]), dim=-1)
+        out.append(nxt)
+    return torch.stack(out, dim=1)
