@@ -1,0 +1,66 @@
+"""The `jaxgpt` command line: subcommands live one concern per module and register here.
+
+Every user error (bad file, bad option, unknown character, ...) ends as one line
+`jaxgpt: error: ...` on stderr and exit status 1 (2 for a usage error); no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.group(name="jaxgpt", no_args_is_help=True)
+def app() -> None:
+    """Run, convert, train and check the notebook's character-level GPT in JAX."""
+
+# Each module adds its commands to the `app` group through a `register(app)` function.
+_COMMAND_MODULES = ("jaxgpt.cli_porting", "jaxgpt.cli_generate", "jaxgpt.cli_train")
+
+
+def _register_all() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # not written yet in this checkout
+                continue
+            raise
+        module.register(app)
+
+
+class CLIError(click.ClickException):
+    """Raise to end a command with one `jaxgpt: error: ...` line and exit status 1."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_all()
+    try:
+        result = app.main(args=argv, prog_name="jaxgpt", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx else "", file=sys.stderr)
+        return 2
+    except click.ClickException as e:  # usage errors (exit 2) and CLIError (exit 1)
+        print(f"jaxgpt: error: {e.format_message()}", file=sys.stderr)
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("jaxgpt: error: aborted", file=sys.stderr)
+        return 130
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except (ValueError, OSError) as e:
+        # The API raises precise ValueError subclasses (CheckpointError, VocabError, DataError...)
+        # whose message already names the file and the problem.
+        print(f"jaxgpt: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("jaxgpt: error: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
