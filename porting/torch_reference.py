@@ -1,7 +1,8 @@
 """An independent torch implementation in the notebooks' exact structure (per-head modules).
 
-This is the yardstick: the parity tests and benchmarks compare jaxgpt against it, and
-`porting.save_weights` output must load into it with `load_state_dict(strict=True)`.
+This is the yardstick: the parity tests, `jaxgpt eval --compare-torch` and the benchmarks
+compare jaxgpt against it, and `porting.save_weights` output must load into it with
+`load_state_dict(strict=True)`. It shares no code with jaxgpt. Importing it needs torch.
 `DrakeGPT` has the published checkpoint's key names; `LearningGPT` the step-by-step
 notebook's (no attention output projection, no attention dropout).
 """

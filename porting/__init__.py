@@ -1,0 +1,1 @@
+"""Porting between torch `weights.pt` state dicts and jaxgpt's Flax parameters."""
