@@ -19,8 +19,8 @@ class CheckpointError(ValueError):
 
     def __init__(self, path: str | os.PathLike, problem: str):
         self.path = os.fspath(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        self.problem = " ".join(problem.splitlines())  # one line: a CLI prints it as is
+        super().__init__(f"{self.path}: {self.problem}")
 
 
 class TorchUnavailableError(ImportError):

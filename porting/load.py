@@ -124,7 +124,7 @@ def _read(path: str) -> tuple[str, dict[str, np.ndarray], dict]:
 
 def _check_metadata(path: str, metadata: dict, config: GPTConfig) -> None:
     """Flax-native files state their configuration: it must agree with what the shapes say."""
-    declared = dict(variant=metadata["variant"]) if "variant" in metadata else {}
+    declared = [("variant", metadata["variant"])] if "variant" in metadata else []
     if "config" in metadata:
         try:
             fields = json.loads(metadata["config"]) if isinstance(metadata["config"], str) else metadata["config"]
@@ -132,11 +132,11 @@ def _check_metadata(path: str, metadata: dict, config: GPTConfig) -> None:
             fields = None
         if not isinstance(fields, dict):
             raise CheckpointError(path, "malformed config in the file's metadata")
-        declared.update(fields)
-    wrong = [f"{name}={value!r} (the tensors say {getattr(config, name)!r})"
-             for name, value in declared.items() if name in _STORED_FIELDS and value != getattr(config, name)]
+        declared += list(fields.items())
+    wrong = {f"{name}={value!r} (the tensors say {getattr(config, name)!r})"
+             for name, value in declared if name in _STORED_FIELDS and value != getattr(config, name)}
     if wrong:
-        raise CheckpointError(path, f"the metadata disagrees with the tensors: {', '.join(wrong)}")
+        raise CheckpointError(path, f"the metadata disagrees with the tensors: {', '.join(sorted(wrong))}")
 
 
 def read_checkpoint(path: str | os.PathLike, *, dropout: float = 0.2) -> Checkpoint:

@@ -258,12 +258,13 @@ def read_torch_zip(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 OverflowError, UnicodeDecodeError, MemoryError, RecursionError) as e:
             raise CheckpointError(path, f"corrupt data.pkl record ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(path, f"not a state dict: the file holds a {type(obj).__name__}, not a dict of tensors")
+        what = "a single tensor" if isinstance(obj, _Tensor) else f"a value of type {type(obj).__name__}"
+        raise CheckpointError(path, f"not a state dict: the file holds {what}, not a dict of tensors")
     state: dict[str, np.ndarray] = {}
     for key, value in obj.items():
         if not isinstance(key, str):
             raise CheckpointError(path, f"not a state dict: key {key!r:.40} is not a string")
         if not isinstance(value, _Tensor):
-            raise CheckpointError(path, f"not a state dict: {key} holds a {type(value).__name__}, not a tensor")
+            raise CheckpointError(path, f"not a state dict: {key} holds a value of type {type(value).__name__}, not a tensor")
         state[key] = value.array
     return state

@@ -1,0 +1,98 @@
+"""Shared helpers of the porting tests: torch reference checkpoints with random (non-default)
+values, bit-level comparison, and hand-made torch-like zip archives."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+
+PUBLISHED = dict(vocab_size=104, context_length=128, model_dim=252, num_blocks=6, num_heads=6)
+SMALL = dict(vocab_size=7, context_length=16, model_dim=24, num_blocks=1, num_heads=3)
+
+
+def random_reference(variant: str, seed: int = 0, **config):
+    """A torch reference model (the notebook's structure) with every parameter random.
+
+    Default initialisation leaves LayerNorm weights at 1 and biases at 0, which would hide a
+    swapped scale/bias or a dropped bias; here every tensor gets its own random values.
+    """
+    import torch
+
+    from porting.torch_reference import make_reference
+
+    torch.manual_seed(seed)
+    model = make_reference(variant, **config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+            elif p.dim() == 1:  # LayerNorm weight
+                p.normal_(1.0, 0.3)
+            elif "embedding" in name:
+                p.normal_(0.0, 1.0)
+            else:  # Linear weight [out, in]: unit-scale outputs, peaked attention
+                p.normal_(0.0, 1.5 / p.shape[1] ** 0.5)
+    return model.eval()
+
+
+def save_reference(path, variant: str = "drake", seed: int = 0, **config):
+    """Saves a random reference model's `state_dict()` to `path`; returns the model."""
+    import torch
+
+    model = random_reference(variant, seed, **(config or SMALL))
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def bits(x) -> np.ndarray:
+    """The raw bits of a numpy array or torch tensor as a C-ordered integer array."""
+    if not isinstance(x, np.ndarray):
+        import torch
+
+        t = x.detach().contiguous()
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        return t.view(ints[t.element_size()]).numpy().copy()
+    ints = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+    return np.array(x, order="C", copy=True).view(ints[x.dtype.itemsize])
+
+
+def torch_dtype_name(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def write_zip(path, records: dict[str, bytes]) -> None:
+    """A zip archive of uncompressed records, as torch writes them."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in records.items():
+            zf.writestr(name, data)
+
+
+def torch_records(path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def hostile_archive(path, payload: bytes) -> None:
+    """A torch-shaped zip whose data.pkl is `payload`."""
+    write_zip(path, {"archive/data.pkl": payload, "archive/byteorder": b"little", "archive/version": b"3\n"})
+
+
+def pickled(obj, protocol: int) -> bytes:
+    import pickle
+
+    buf = io.BytesIO()
+    pickle.Pickler(buf, protocol=protocol).dump(obj)
+    return buf.getvalue()
+
+
+def jitted_logits(model):
+    """`tokens (B, T) -> logits (B, T, V)` as numpy, compiled once per shape (eager JAX would
+    compile every primitive separately, which is far slower)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
+    return lambda tokens: np.asarray(forward(state, np.asarray(tokens)))
