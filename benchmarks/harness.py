@@ -1,0 +1,136 @@
+"""Interleaved repetitions, robust statistics and device-synchronised timers.
+
+Every benchmark here is a *case*: a zero-argument callable that does one complete unit of
+work (one generation, one forward, one training step) and returns a dict of named durations
+in seconds (at least "seconds"; generation cases add e.g. "ttfc" or "t127" marks taken
+inside the same run). The harness runs all cases of a group in one process, warm-up rounds
+first (excluded from the statistics: they pay for compilation and cache warming), then
+`reps` rounds in which every case runs once, in an order rotated each round, so that machine
+noise (other processes, frequency changes) falls on all sides alike.
+
+Timing must include the device work: jax dispatch is asynchronous, so a jax case calls
+`block(x)` (`jax.block_until_ready`) on its outputs before the clock stops; torch CPU ops
+are synchronous (CUDA ones are synchronised with `torch_sync`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, Mapping
+
+Case = Callable[[], Mapping[str, float]]
+
+
+def block(tree):
+    """Waits until every jax array in `tree` is computed; returns `tree`."""
+    import jax
+
+    return jax.block_until_ready(tree)
+
+
+def torch_sync(device: str = "cpu") -> None:
+    """Waits for queued torch kernels (CUDA only: CPU torch ops run synchronously)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], sync: Callable[[object], object] | None = None) -> dict[str, float]:
+    """Runs `fn()` once; returns {"seconds": wall time including `sync(result)`}."""
+    start = time.perf_counter()
+    out = fn()
+    if sync is not None:
+        sync(out)
+    return {"seconds": time.perf_counter() - start}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Summary of repeated measurements: median and spread (interquartile range, min, max)."""
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+    n: int
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    def as_dict(self) -> dict[str, float]:
+        return {"median": self.median, "q1": self.q1, "q3": self.q3, "min": self.min, "max": self.max, "n": self.n}
+
+
+def summarize(values) -> Stats:
+    """Median, quartiles (inclusive method; equal to the median for n <= 2), min, max."""
+    values = sorted(float(v) for v in values)
+    if not values:
+        raise ValueError("summarize needs at least one measurement")
+    median = statistics.median(values)
+    if len(values) >= 3:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1 = q3 = median
+    return Stats(median, q1, q3, values[0], values[-1], len(values))
+
+
+def interleave(
+    cases: Mapping[str, Case],
+    reps: int,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[dict[str, float]]]:
+    """Runs every case `warmup` times (discarded) then `reps` times, interleaved.
+
+    Round r runs the cases in the given order rotated by r, so no case always runs first or
+    right after an expensive neighbour.
+
+    Args:
+      cases: name -> case callable returning a dict of durations (must contain "seconds").
+      reps: measured rounds (>= 1).
+      warmup: discarded rounds before the measured ones (>= 0).
+      progress: optional callback given a short description before each run.
+
+    Returns:
+      name -> list of the `reps` measurement dicts, in round order.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    names = list(cases)
+    out: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for r in range(warmup + reps):
+        shift = r % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            label = f"warm-up {r + 1}/{warmup}" if r < warmup else f"rep {r - warmup + 1}/{reps}"
+            if progress is not None:
+                progress(f"{name} ({label})")
+            result = dict(cases[name]())
+            if "seconds" not in result:
+                raise KeyError(f"case {name!r} returned no 'seconds'")
+            if r >= warmup:
+                out[name].append(result)
+    return out
+
+
+def stats_of(runs: list[dict[str, float]], key: str = "seconds") -> Stats:
+    """Statistics of one named duration over a case's measured runs."""
+    return summarize([run[key] for run in runs])
+
+
+class Marks:
+    """Wall-clock marks inside one run: `marks.hit(i)` after step i; `marks.at(i)` seconds since start."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self._times: dict[int, float] = {}
+
+    def hit(self, step: int) -> None:
+        self._times[step] = time.perf_counter() - self.start
+
+    def at(self, step: int) -> float:
+        return self._times[step]
