@@ -1,6 +1,6 @@
 """Interleaved repetitions, robust statistics and device-synchronised timers.
 
-Every benchmark here is a *case*: a zero-argument callable that does one complete unit of
+Every benchmark here is a *case*: a callable `case(warm)` that does one complete unit of
 work (one generation, one forward, one training step) and returns a dict of named durations
 in seconds (at least "seconds"; generation cases add e.g. "ttfc" or "t127" marks taken
 inside the same run). The harness runs all cases of a group in one process, warm-up rounds
@@ -20,7 +20,9 @@ import statistics
 import time
 from typing import Callable, Mapping
 
-Case = Callable[[], Mapping[str, float]]
+Case = Callable[[bool], Mapping[str, float]]
+"""`case(warm)` runs once; `warm=True` is a discarded warm-up call and may do less work
+(an eager torch loop needs no full-length warm-up; a compiled function must see its shapes)."""
 
 
 def block(tree):
@@ -79,42 +81,71 @@ def summarize(values) -> Stats:
     return Stats(median, q1, q3, values[0], values[-1], len(values))
 
 
+@dataclasses.dataclass
+class Measured:
+    """A case's measurement dicts: `runs` (the `reps` measured rounds) and `warmups` (discarded)."""
+
+    runs: list[dict[str, float]]
+    warmups: list[dict[str, float]]
+
+
 def interleave(
     cases: Mapping[str, Case],
     reps: int,
     warmup: int = 1,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, list[dict[str, float]]]:
+) -> dict[str, Measured]:
     """Runs every case `warmup` times (discarded) then `reps` times, interleaved.
 
     Round r runs the cases in the given order rotated by r, so no case always runs first or
     right after an expensive neighbour.
 
     Args:
-      cases: name -> case callable returning a dict of durations (must contain "seconds").
+      cases: name -> `Case` returning a dict of durations (must contain "seconds").
       reps: measured rounds (>= 1).
-      warmup: discarded rounds before the measured ones (>= 0).
+      warmup: discarded rounds before the measured ones (>= 0); their durations are kept in
+        `Measured.warmups` (the first one includes compilation).
       progress: optional callback given a short description before each run.
 
     Returns:
-      name -> list of the `reps` measurement dicts, in round order.
+      name -> `Measured`.
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     names = list(cases)
-    out: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    out = {name: Measured([], []) for name in names}
     for r in range(warmup + reps):
         shift = r % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
             label = f"warm-up {r + 1}/{warmup}" if r < warmup else f"rep {r - warmup + 1}/{reps}"
             if progress is not None:
                 progress(f"{name} ({label})")
-            result = dict(cases[name]())
+            result = dict(cases[name](r < warmup))
             if "seconds" not in result:
                 raise KeyError(f"case {name!r} returned no 'seconds'")
-            if r >= warmup:
-                out[name].append(result)
+            (out[name].warmups if r < warmup else out[name].runs).append(result)
     return out
+
+
+def paired_ratio(slow: list[dict[str, float]], fast: list[dict[str, float]], slow_key="seconds",
+                 fast_key="seconds", slow_scale: float = 1.0) -> dict[str, float]:
+    """Speed-up of `fast` over `slow`: ratio of medians, and the spread of per-round ratios.
+
+    Rounds are interleaved, so round i of both sides saw the same machine state: the per-round
+    ratios slow_i / fast_i show how stable the speed-up is.
+
+    Args:
+      slow, fast: measured runs of the two cases (same number of rounds).
+      slow_key, fast_key: which duration of each to compare.
+      slow_scale: multiplies the slow side (e.g. to compare different amounts of work per second).
+
+    Returns:
+      {"ratio": median(slow) / median(fast), "paired": per-round ratio statistics}.
+    """
+    a = [r[slow_key] * slow_scale for r in slow]
+    b = [r[fast_key] for r in fast]
+    paired = summarize([x / y for x, y in zip(a, b)]).as_dict()
+    return {"ratio": statistics.median(a) / statistics.median(b), "paired": paired}
 
 
 def stats_of(runs: list[dict[str, float]], key: str = "seconds") -> Stats:
@@ -134,3 +165,29 @@ class Marks:
 
     def at(self, step: int) -> float:
         return self._times[step]
+
+
+def make_result(name: str, framework: str, impl: str, batch: int, steps: int, measured: Measured,
+                key: str = "seconds", **extra) -> dict:
+    """One JSON result row: median seconds of `key`, its spread, characters and characters/s.
+
+    `chars` counts every generated (or processed) character: batch x steps.
+    """
+    st = stats_of(measured.runs, key)
+    chars = batch * steps
+    row = {
+        "name": name,
+        "framework": framework,
+        "impl": impl,
+        "batch": batch,
+        "steps": steps,
+        "chars": chars,
+        "seconds": st.median,
+        "chars_per_s": chars / st.median if st.median > 0 else float("inf"),
+        "spread": st.as_dict(),
+    }
+    # A shortened warm-up (marked "partial") says nothing about the first full run.
+    if measured.warmups and key in measured.warmups[0] and not measured.warmups[0].get("partial"):
+        row["first_run_s"] = measured.warmups[0][key]
+    row.update(extra)
+    return row

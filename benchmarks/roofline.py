@@ -67,19 +67,24 @@ def flops_train_step(config, batch: int, length: int) -> int:
     return 3 * flops_forward(config, batch, length)
 
 
-def flops_exact_generation(config, batch: int, prompt_len: int, num_new: int) -> int:
-    """FLOPs of `num_new` characters with exact semantics and a cache while the context grows.
+def flops_generation(config, batch: int, prompt_len: int, num_new: int, keep: int | None = None) -> int:
+    """FLOPs of generating `num_new` characters per row, as jaxgpt's engine schedules them.
 
-    Step s sees a context of prompt_len + s tokens: a cached step at position prompt_len + s - 1
-    while that is < C, a window step afterwards. The prompt's own prefill is not counted.
+    Step s sees prompt_len + s tokens. While they fit the window (counted from the cache base)
+    it is a cached step; otherwise the last `keep` tokens are re-encoded (a window step of
+    length keep) and the cache base moves. keep = C (default) is the exact notebook semantics,
+    keep = C + 1 - stride strided mode. The prompt's own prefill is not counted.
     """
-    total = 0
+    c = config.context_length
+    keep = c if keep is None else keep
+    base, total = 0, 0
     for s in range(num_new):
         length = prompt_len + s
-        if length <= config.context_length:
-            total += flops_cached_step(config, length - 1)
+        if length - base > c:
+            base = length - keep
+            total += flops_window_step(config, keep)
         else:
-            total += flops_window_step(config)
+            total += flops_cached_step(config, length - 1 - base)
     return batch * total
 
 
@@ -189,3 +194,21 @@ def floor_seconds(flops: float, bytes_read: float, limits: DeviceLimits) -> dict
         "flop_floor_s": flops / (limits.peak_gflops * 1e9),
         "memory_floor_s": bytes_read / (limits.peak_bandwidth_gbs * 1e9),
     }
+
+
+def annotate(row: dict, flops: float, bytes_read: float, limits: DeviceLimits | None) -> dict:
+    """Adds the work of a result and how close its median time comes to the floors.
+
+    Fields: flops, flops_per_char, achieved_gflops, and with measured limits flop_floor_s,
+    memory_floor_s, floor_fraction (FLOP floor / time) and roofline_fraction (the larger of
+    the two floors / time).
+    """
+    row["flops"] = float(flops)
+    row["flops_per_char"] = float(flops) / row["chars"]
+    row["achieved_gflops"] = float(flops) / row["seconds"] / 1e9
+    if limits is not None:
+        floors = floor_seconds(flops, bytes_read, limits)
+        row.update(floors)
+        row["floor_fraction"] = floors["flop_floor_s"] / row["seconds"]
+        row["roofline_fraction"] = max(floors.values()) / row["seconds"]
+    return row

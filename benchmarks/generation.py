@@ -1,0 +1,245 @@
+"""Generation: the notebook's loop vs the tuned torch baseline vs jaxgpt (exact and strided).
+
+All runs start from the notebook's seed context `[[0]] * B` with the same weights. Torch
+loops record, inside one run, when each character exists (time to first character, the
+growing-context mark and the moment the window fills); jaxgpt runs one compiled call per
+length (`generate_tokens(num_new=1)` is its time to first character: prefill + one step +
+host round trip, warm).
+
+The notebook's loop at 5000 characters would take many minutes per repetition; its cost per
+character is constant once the window is full (every step is the same (B, C) forward), so its
+5000-character time is extrapolated from each measured run: t(N) = t(n) + (N - n) * (t(n) -
+t(C)) / (n - C). Rows computed that way say `"extrapolated": true`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from benchmarks import roofline
+from benchmarks.harness import interleave, make_result, paired_ratio
+
+NOTEBOOK, JAX_EXACT, JAX_STRIDED = "notebook loop", "jaxgpt exact", "jaxgpt strided"
+
+
+def _tuned_name(compiled: bool, strided: bool = False) -> str:
+    return f"torch tuned{' strided' if strided else ''} {'compiled' if compiled else 'eager'}"
+
+
+def _notebook_case(models, batch: int, steps: int, marks: tuple[int, ...]):
+    import torch
+
+    from porting.torch_reference import notebook_generate
+
+    ref, c = models.reference, models.config.context_length
+    context = torch.zeros((batch, 1), dtype=torch.long, device=models.torch_device)
+
+    def case(warm: bool):
+        n = min(steps, 2) if warm else steps  # eager: nothing to compile, a short warm-up suffices
+        starts = []  # the k-th forward starts once k - 1 characters exist
+        hook = ref.register_forward_pre_hook(lambda module, args: starts.append(time.perf_counter()))
+        try:
+            torch.manual_seed(len(starts))
+            begin = time.perf_counter()
+            out = notebook_generate(ref, n, context, c)
+            out.cpu()  # device sync
+            end = time.perf_counter()
+        finally:
+            hook.remove()
+        done = [s - begin for s in starts[1:]] + [end - begin]  # done[k-1]: k characters exist
+        row = {"seconds": end - begin, "ttfc": done[0]}
+        row.update({f"t{m}": done[m - 1] for m in marks if m <= n})
+        if warm:
+            row["partial"] = 1
+        return row
+
+    return case
+
+
+def _tuned_case(models, generator, batch: int, steps: int, marks: tuple[int, ...], keep: int | None):
+    import torch
+
+    c = models.config.context_length
+    context = torch.zeros((batch, 1), dtype=torch.long, device=models.torch_device)
+
+    def case(warm: bool):
+        # The warm-up must reach the window step (its shape compiles separately when compiled).
+        n = min(steps, c + 2) if warm else steps
+        done = [0.0] * n
+        gen = torch.Generator(device=models.torch_device).manual_seed(0)
+        begin = time.perf_counter()
+        out = generator.generate(context, n, keep=keep, generator=gen,
+                                 on_token=lambda s: done.__setitem__(s, time.perf_counter() - begin))
+        out.cpu()
+        end = time.perf_counter()
+        row = {"seconds": end - begin, "ttfc": done[0]}
+        row.update({f"t{m}": done[m - 1] for m in marks if m <= n})
+        if warm and n < steps:
+            row["partial"] = 1
+        return row
+
+    return case
+
+
+def _jax_case(model, batch: int, steps: int, mode: str, stride: int | None):
+    from jaxgpt.generate import generate_tokens
+
+    context = np.zeros((batch, 1), np.int32)
+    seed = [0]
+
+    def case(warm: bool):
+        seed[0] += 1  # a new seed each run never recompiles; it only changes the text
+        begin = time.perf_counter()
+        generate_tokens(model, context, steps, seed=seed[0], mode=mode, stride=stride)  # returns numpy: synced
+        return {"seconds": time.perf_counter() - begin}
+
+    return case
+
+
+def _extrapolate(runs, steps: int, window: int, target: int, key: str) -> None:
+    """Adds `key` = the time of `target` characters extrapolated from the window-full regime."""
+    for run in runs:
+        per_step = (run["seconds"] - run[f"t{window}"]) / (steps - window)
+        run[key] = run["seconds"] + (target - steps) * per_step
+
+
+class _Group:
+    """Collects the cases of one interleaved group and turns measurements into rows and ratios."""
+
+    def __init__(self, models, suite, limits):
+        self.models, self.suite, self.limits = models, suite, limits
+        self.cases, self.measured = {}, {}
+
+    def run(self, progress):
+        self.measured = interleave(self.cases, self.suite.reps, self.suite.warmup, progress)
+
+    def row(self, case, impl, batch, steps, key="seconds", keep=None, **extra):
+        framework = "jax" if impl.startswith("jaxgpt") else "torch"
+        name = f"generate b{batch} {steps}"
+        r = make_result(name, framework, impl, batch, steps, self.measured[case], key, **extra)
+        if key != "seconds":
+            r.pop("first_run_s", None)
+        ttfc = self.measured[case].runs[0].get("ttfc")
+        if ttfc is not None:
+            r["ttfc_s"] = float(np.median([run["ttfc"] for run in self.measured[case].runs]))
+        if keep is not None:
+            r["keep"] = keep
+        cfg = self.models.config
+        flops = roofline.flops_generation(cfg, batch, 1, steps, keep)
+        return roofline.annotate(r, flops, steps * roofline.weight_bytes(cfg), self.limits)
+
+    def ratio(self, slow, fast, what, slow_key="seconds", fast_key="seconds"):
+        out = paired_ratio(self.measured[slow].runs, self.measured[fast].runs, slow_key, fast_key)
+        return {"what": what, **out}
+
+
+def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
+    """Runs the generation benchmarks.
+
+    Args:
+      models: `benchmarks.models.Models`.
+      suite: `benchmarks.settings.SuiteConfig`.
+      limits: measured `DeviceLimits` (adds floor fractions), or None.
+      progress: callback for progress lines.
+
+    Returns:
+      (result rows, ratios). A ratio is torch time / jaxgpt time (> 1: jaxgpt is faster).
+    """
+    from benchmarks.torch_tuned import TunedGenerator
+    from jaxgpt.generate import default_stride
+
+    cfg = models.config
+    c = cfg.context_length
+    stride = suite.stride or default_stride(c)
+    keep = c + 1 - stride
+    generators = {False: TunedGenerator(models.tuned), True: None}
+    if suite.compile_torch_batches:
+        generators[True] = TunedGenerator(models.tuned, compile=True)
+    rows, ratios = [], {}
+
+    # --- batch 1: growing context, exact 400, strided 5000 ------------------------------------
+    n, mark, long = suite.gen_steps, suite.gen_mark, suite.strided_steps
+    marks = tuple(sorted({mark, min(c, n)}))
+    g = _Group(models, suite, limits)
+    g.cases[NOTEBOOK] = _notebook_case(models, 1, n, marks)
+    compiled_b1 = [False] + ([True] if 1 in suite.compile_torch_batches else [])
+    for comp in compiled_b1:
+        g.cases[_tuned_name(comp)] = _tuned_case(models, generators[comp], 1, n, marks, None)
+        g.cases[_tuned_name(comp, True)] = _tuned_case(models, generators[comp], 1, long, (), keep)
+    g.cases["jax ttfc"] = _jax_case(models.jax, 1, 1, "exact", None)
+    g.cases["jax mark"] = _jax_case(models.jax, 1, mark, "exact", None)
+    g.cases[JAX_EXACT] = _jax_case(models.jax, 1, n, "exact", None)
+    g.cases[JAX_STRIDED] = _jax_case(models.jax, 1, long, "strided", stride)
+    g.run(progress)
+
+    jax_ttfc = float(np.median([r["seconds"] for r in g.measured["jax ttfc"].runs]))
+    rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, mark, key=f"t{mark}"))
+    rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, n))
+    for comp in compiled_b1:
+        rows.append(g.row(_tuned_name(comp), _tuned_name(comp), 1, mark, key=f"t{mark}"))
+        rows.append(g.row(_tuned_name(comp), _tuned_name(comp), 1, n))
+        rows.append(g.row(_tuned_name(comp, True), _tuned_name(comp, True), 1, long, keep=keep, stride=stride))
+    rows.append(g.row("jax mark", JAX_EXACT, 1, mark, ttfc_s=jax_ttfc))
+    rows.append(g.row(JAX_EXACT, JAX_EXACT, 1, n, ttfc_s=jax_ttfc))
+    rows.append(g.row(JAX_STRIDED, JAX_STRIDED, 1, long, keep=keep, stride=stride, ttfc_s=jax_ttfc))
+    if n > c:
+        ext = f"t{long}_extrapolated"
+        _extrapolate(g.measured[NOTEBOOK].runs, n, c, long, ext)
+        rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, long, key=ext, extrapolated=True,
+                          extrapolated_from=f"{n} measured characters (window full after {c})"))
+        ratios[f"gen_b1_{long}_strided_vs_notebook"] = g.ratio(
+            NOTEBOOK, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs the notebook loop (extrapolated)", ext)
+    best_tuned = _tuned_name(min(compiled_b1, key=lambda comp: g.row(_tuned_name(comp), "", 1, n)["seconds"]))
+    ratios[f"gen_b1_{mark}_exact_vs_notebook"] = g.ratio(
+        NOTEBOOK, "jax mark", f"batch 1, first {mark} chars (growing context): jaxgpt exact vs the notebook loop",
+        f"t{mark}")
+    ratios[f"gen_b1_{n}_exact_vs_notebook"] = g.ratio(
+        NOTEBOOK, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs the notebook loop")
+    ratios[f"gen_b1_{mark}_exact_vs_tuned"] = g.ratio(
+        best_tuned, "jax mark", f"batch 1, first {mark} chars: jaxgpt exact vs {best_tuned}", f"t{mark}")
+    ratios[f"gen_b1_{n}_exact_vs_tuned"] = g.ratio(
+        best_tuned, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs {best_tuned}")
+    best_strided = _tuned_name(min(compiled_b1, key=lambda comp: g.row(_tuned_name(comp, True), "", 1, long,
+                                                                         keep=keep)["seconds"]), True)
+    ratios[f"gen_b1_{long}_strided_vs_tuned_strided"] = g.ratio(
+        best_strided, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs {best_strided} (same algorithm)")
+    ratios["ttfc_b1_vs_tuned"] = g.ratio(
+        best_tuned, "jax ttfc", f"batch 1 time to first character: jaxgpt vs {best_tuned}", "ttfc")
+
+    # --- larger batches -----------------------------------------------------------------------
+    for batch, steps in suite.batch_steps:
+        g = _Group(models, suite, limits)
+        marks = (min(c, steps),)
+        g.cases[NOTEBOOK] = _notebook_case(models, batch, steps, marks)
+        compiled = [False] + ([True] if batch in suite.compile_torch_batches else [])
+        for comp in compiled:
+            g.cases[_tuned_name(comp)] = _tuned_case(models, generators[comp], batch, steps, marks, None)
+        g.cases["jax ttfc"] = _jax_case(models.jax, batch, 1, "exact", None)
+        g.cases[JAX_EXACT] = _jax_case(models.jax, batch, steps, "exact", None)
+        overflow = steps > c  # strided differs from exact only once the window overflows
+        if overflow:
+            g.cases[_tuned_name(False, True)] = _tuned_case(models, generators[False], batch, steps, (), keep)
+            g.cases[JAX_STRIDED] = _jax_case(models.jax, batch, steps, "strided", stride)
+        g.run(progress)
+        jax_ttfc = float(np.median([r["seconds"] for r in g.measured["jax ttfc"].runs]))
+        rows.append(g.row(NOTEBOOK, NOTEBOOK, batch, steps))
+        for comp in compiled:
+            rows.append(g.row(_tuned_name(comp), _tuned_name(comp), batch, steps))
+        rows.append(g.row(JAX_EXACT, JAX_EXACT, batch, steps, ttfc_s=jax_ttfc))
+        best = _tuned_name(min(compiled, key=lambda comp: g.row(_tuned_name(comp), "", batch, steps)["seconds"]))
+        ratios[f"gen_b{batch}_{steps}_exact_vs_notebook"] = g.ratio(
+            NOTEBOOK, JAX_EXACT, f"batch {batch}, {steps} chars per row: jaxgpt exact vs the notebook loop")
+        ratios[f"gen_b{batch}_{steps}_exact_vs_tuned"] = g.ratio(
+            best, JAX_EXACT, f"batch {batch}, {steps} chars per row: jaxgpt exact vs {best}")
+        ratios[f"ttfc_b{batch}_vs_tuned"] = g.ratio(
+            best, "jax ttfc", f"batch {batch} time to first character: jaxgpt vs {best}", "ttfc")
+        if overflow:
+            rows.append(g.row(_tuned_name(False, True), _tuned_name(False, True), batch, steps, keep=keep,
+                              stride=stride))
+            rows.append(g.row(JAX_STRIDED, JAX_STRIDED, batch, steps, keep=keep, stride=stride, ttfc_s=jax_ttfc))
+            ratios[f"gen_b{batch}_{steps}_strided_vs_tuned_strided"] = g.ratio(
+                _tuned_name(False, True), JAX_STRIDED,
+                f"batch {batch}, {steps} chars per row: jaxgpt strided vs torch tuned strided eager")
+    return rows, ratios

@@ -1,0 +1,99 @@
+"""The three models every benchmark compares, built from one torch state dict.
+
+The notebook's reference model (`porting.torch_reference`), the tuned torch baseline
+(`benchmarks.torch_tuned`) and jaxgpt's GPT (ported with `porting.load_weights` from the very
+`weights.pt` file the torch models are loaded from) share the same weights: the project's
+default checkpoint when it exists, otherwise a seeded random initialisation of the reference
+(speed does not depend on the values; parity figures are more telling with trained weights,
+so the JSON says which was used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from jaxgpt.config import GPTConfig
+
+TUNED_TOLERANCE = 1e-5  # max |logit difference| the tuned baseline may show against the reference
+
+
+@dataclasses.dataclass
+class Models:
+    """Same weights, three implementations.
+
+    Attributes:
+      config: the model configuration.
+      weights_path: the torch `weights.pt` all three were loaded from.
+      weights_source: human-readable origin of the weights.
+      reference: the notebook's torch model (eval mode).
+      tuned: `TunedGPT` (eval mode).
+      jax: `jaxgpt.GPT` (eval mode).
+      tuned_max_diff: max |tuned - reference| logits over the check inputs.
+      torch_device: torch device string.
+    """
+
+    config: GPTConfig
+    weights_path: str
+    weights_source: str
+    reference: object
+    tuned: object
+    jax: object
+    tuned_max_diff: float
+    torch_device: str = "cpu"
+
+
+def default_weights() -> str | None:
+    """Path of the project's default checkpoint if it is installed, else None."""
+    import jaxgpt
+
+    path = getattr(jaxgpt, "DEFAULT_WEIGHTS", None)
+    return str(path) if path is not None and os.path.exists(path) else None
+
+
+def build_models(config: GPTConfig, workdir: str, weights: str | None = None, torch_device: str = "cpu",
+                 seed: int = 0) -> Models:
+    """Loads (or creates) a `weights.pt` and builds the three models from it.
+
+    Args:
+      config: configuration to create random weights with; ignored when `weights` is given
+        (the checkpoint's own configuration is used).
+      workdir: where a random `weights.pt` is written.
+      weights: an existing torch checkpoint, or None (use `config` with seeded random weights).
+      torch_device: device of the torch models.
+      seed: torch seed of the random initialisation.
+
+    Raises:
+      AssertionError: the tuned baseline's logits differ from the reference by more than 1e-5.
+    """
+    import torch
+
+    import porting
+    from benchmarks.torch_tuned import TunedGPT
+    from porting.torch_reference import reference_from_config
+
+    if weights is None:
+        torch.manual_seed(seed)
+        reference = reference_from_config(config)
+        weights = os.path.join(workdir, "weights.pt")
+        torch.save(reference.state_dict(), weights)
+        source = f"random initialisation (torch seed {seed})"
+    else:
+        source = os.path.basename(weights)
+    jax_model = porting.load_weights(weights)
+    config = jax_model.config
+    state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+    reference = reference_from_config(config)
+    reference.load_state_dict(state_dict, strict=True)
+    reference = reference.to(torch_device).eval()
+    tuned = TunedGPT.from_state_dict(state_dict, config).to(torch_device).eval()
+
+    rng = np.random.default_rng(seed)
+    tokens = torch.from_numpy(rng.integers(0, config.vocab_size, (4, config.context_length))).to(torch_device)
+    with torch.inference_mode():
+        diff = float((tuned(tokens) - reference(tokens)).abs().max())
+    if not diff <= TUNED_TOLERANCE:
+        raise AssertionError(f"tuned torch baseline differs from the reference by {diff:.3g} > {TUNED_TOLERANCE}")
+    return Models(config, weights, source, reference, tuned, jax_model, diff, torch_device)

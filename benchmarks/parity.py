@@ -1,0 +1,84 @@
+"""Do both frameworks compute the same thing? Logits, greedy tokens and sampled text.
+
+- logits: max |jaxgpt - reference| over `parity_inputs` random `(4, C)` token batches. The
+  model is causal, so one full-length forward checks every prefix length 1..C at once.
+- greedy: `generate_tokens(temperature=0)` vs the reference loop with argmax, from the
+  notebook's seed context, `greedy_tokens` characters (a near-tie can flip one argmax and the
+  texts then diverge for good, so the first divergence is reported with the agreement).
+- sampled: jaxgpt's own uniforms (`jaxgpt.sampling.sampling_uniforms`) fed to the reference
+  loop with inverse-CDF sampling (`porting.torch_reference.inverse_cdf_generate`).
+- strided: jaxgpt strided vs the tuned torch strided twin with the same uniforms (the
+  reference has no strided mode; the twin matches the reference's logits to 1e-5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    equal = np.asarray(a) == np.asarray(b)
+    mismatch = np.flatnonzero(~equal.all(axis=0))
+    return {
+        "tokens": int(equal.size),
+        "agreement": float(equal.mean()),
+        "first_divergence": int(mismatch[0]) if mismatch.size else None,
+    }
+
+
+def run(models, suite, limits=None, progress=None) -> dict:
+    """Returns the parity figures (a dict for the JSON's "parity")."""
+    import jax
+    import torch
+    from flax import nnx
+
+    from jaxgpt.generate import default_stride, generate_tokens
+    from jaxgpt.sampling import sampling_uniforms
+    from porting.torch_reference import inverse_cdf_generate
+
+    say = progress or (lambda _: None)
+    cfg, dev = models.config, models.torch_device
+    c = cfg.context_length
+    out = {"weights": models.weights_source, "tuned_vs_reference_max_abs_logit_diff": models.tuned_max_diff}
+
+    say("parity: logits")
+    graphdef, state = nnx.split(models.jax)
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+    rng = np.random.default_rng(1234)
+    worst, total = 0.0, 0.0
+    for _ in range(suite.parity_inputs):
+        tokens = rng.integers(0, cfg.vocab_size, (4, c))
+        with torch.no_grad():
+            ref = models.reference(torch.from_numpy(tokens).to(dev)).cpu().numpy()
+        diff = np.abs(np.asarray(forward(state, tokens.astype(np.int32))) - ref)
+        worst, total = max(worst, float(diff.max())), total + float(diff.mean())
+    out["logits"] = {"inputs": suite.parity_inputs, "shape": [4, c], "max_abs_diff": worst,
+                     "mean_abs_diff": total / suite.parity_inputs}
+
+    seed_context = np.zeros((1, 1), np.int64)
+    say(f"parity: greedy {suite.greedy_tokens} tokens (reference loop)")
+    n = suite.greedy_tokens
+    jx = generate_tokens(models.jax, seed_context, n, temperature=0)
+    th = inverse_cdf_generate(models.reference, torch.from_numpy(seed_context).to(dev), torch.zeros(1, n), c,
+                              temperature=0).cpu().numpy()
+    out["greedy"] = _agreement(jx, th)
+
+    say(f"parity: sampled {suite.sampled_rows}x{suite.sampled_tokens} tokens (reference loop)")
+    rows, n = suite.sampled_rows, suite.sampled_tokens
+    context = np.zeros((rows, 1), np.int64)
+    uniforms = sampling_uniforms(7, rows, n)
+    jx = generate_tokens(models.jax, context, n, seed=7)
+    th = inverse_cdf_generate(models.reference, torch.from_numpy(context).to(dev), torch.tensor(uniforms), c)
+    out["sampled"] = {**_agreement(jx, th.cpu().numpy()), "rows": rows, "seed": 7, "temperature": 1.0}
+
+    say("parity: strided (tuned torch twin)")
+    from benchmarks.torch_tuned import TunedGenerator
+
+    stride = suite.stride or default_stride(c)
+    n = suite.greedy_tokens
+    uniforms = sampling_uniforms(11, 1, n)
+    jx = generate_tokens(models.jax, seed_context, n, seed=11, mode="strided", stride=stride)
+    th = TunedGenerator(models.tuned).generate(torch.from_numpy(seed_context).to(dev), n, keep=c + 1 - stride,
+                                               uniforms=torch.tensor(uniforms))
+    out["strided_vs_tuned_twin"] = {**_agreement(jx, th.cpu().numpy()), "stride": stride, "seed": 11}
+    return out

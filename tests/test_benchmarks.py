@@ -1,0 +1,164 @@
+"""The benchmark suite cannot rot: harness, FLOP formulas, tuned torch twin, report, a tiny end-to-end run.
+
+No timing is asserted (speed is shown by the suite itself); these check structure and maths.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from benchmarks import harness, report, roofline  # noqa: E402
+from benchmarks.settings import TINY  # noqa: E402
+from jaxgpt.config import PUBLISHED, GPTConfig  # noqa: E402
+
+SMALL = GPTConfig(context_length=8, model_dim=12, num_blocks=1, num_heads=2)
+
+
+# ----------------------------------------------------------------------------- harness
+def test_summarize_median_and_quartiles():
+    s = harness.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.median, s.q1, s.q3, s.min, s.max, s.n) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
+    assert harness.summarize([2.0, 4.0]).median == 3.0
+    with pytest.raises(ValueError):
+        harness.summarize([])
+
+
+def test_interleave_excludes_warmups_and_rotates_order():
+    order = []
+
+    def case(name):
+        def run(warm):
+            order.append((name, warm))
+            return {"seconds": 1.0 if warm else 0.5}
+
+        return run
+
+    measured = harness.interleave({"a": case("a"), "b": case("b"), "c": case("c")}, reps=3, warmup=1)
+    assert [len(m.runs) for m in measured.values()] == [3, 3, 3]
+    assert all(r["seconds"] == 0.5 for m in measured.values() for r in m.runs)
+    assert measured["a"].warmups == [{"seconds": 1.0}]
+    firsts = [order[i][0] for i in range(0, 12, 3)]
+    assert firsts == ["a", "b", "c", "a"]  # rotated each round
+    assert [w for _, w in order[:3]] == [True] * 3 and not any(w for _, w in order[3:])
+
+
+def test_interleave_requires_seconds():
+    with pytest.raises(KeyError, match="seconds"):
+        harness.interleave({"x": lambda warm: {"t": 1.0}}, reps=1, warmup=0)
+
+
+def test_paired_ratio():
+    slow = [{"seconds": s} for s in (4.0, 6.0, 8.0)]
+    fast = [{"seconds": s} for s in (1.0, 2.0, 2.0)]
+    r = harness.paired_ratio(slow, fast)
+    assert r["ratio"] == pytest.approx(3.0)
+    assert r["paired"]["min"] == pytest.approx(3.0) and r["paired"]["max"] == pytest.approx(4.0)
+
+
+# ----------------------------------------------------------------------------- FLOP formulas
+def test_flops_of_the_published_config():
+    d, L, v, c = 252, 6, 104, 128
+    w = 24 * d * d
+    assert roofline.flops_cached_step(PUBLISHED, 0) == L * (w + 4 * d) + 2 * d * v
+    assert roofline.flops_window_step(PUBLISHED) == L * (c * w + 2 * c * (c + 1) * d) + 2 * d * v
+    assert roofline.flops_window_step(PUBLISHED) == pytest.approx(1.2205e9, rel=1e-4)
+
+
+def test_flops_generation_schedules_like_the_engine():
+    c = SMALL.context_length
+    exact = roofline.flops_generation(SMALL, 2, 1, 3 * c)
+    by_hand = sum(roofline.flops_cached_step(SMALL, p) for p in range(c)) + 2 * c * roofline.flops_window_step(SMALL)
+    assert exact == 2 * by_hand
+    # stride 1 (keep = C) is exact mode; a larger stride is cheaper once the window is full
+    assert roofline.flops_generation(SMALL, 1, 1, 3 * c, keep=c) == exact // 2
+    assert roofline.flops_generation(SMALL, 1, 1, 3 * c, keep=c + 1 - 4) < exact // 2
+
+
+# ----------------------------------------------------------------------------- tuned torch baseline
+@pytest.mark.parametrize("variant", ["drake", "learning"])
+def test_tuned_torch_matches_the_reference(variant):
+    from benchmarks.torch_tuned import TunedGenerator, TunedGPT
+    from porting.torch_reference import inverse_cdf_generate, reference_from_config
+
+    cfg = SMALL.replace(variant=variant)
+    torch.manual_seed(0)
+    ref = reference_from_config(cfg)
+    tuned = TunedGPT.from_state_dict(ref.state_dict(), cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.context_length))
+    with torch.no_grad():
+        assert (tuned(x) - ref(x)).abs().max() < 1e-5
+    u = torch.rand(2, 3 * cfg.context_length)
+    for prompt in (torch.zeros((2, 1), dtype=torch.long), x[:, :3]):
+        expected = inverse_cdf_generate(ref, prompt, u, cfg.context_length)
+        assert torch.equal(TunedGenerator(tuned).generate(prompt, u.shape[1], uniforms=u), expected)
+
+
+def test_tuned_torch_rejects_foreign_keys():
+    from benchmarks.torch_tuned import TunedGPT
+    from porting.torch_reference import reference_from_config
+
+    sd = reference_from_config(SMALL).state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match="extra.weight"):
+        TunedGPT.from_state_dict(sd, SMALL)
+
+
+# ----------------------------------------------------------------------------- report
+def _doc():
+    row = {"name": "generate b1 10", "framework": "jax", "impl": "jaxgpt exact", "batch": 1, "steps": 10,
+           "chars": 10, "seconds": 0.5, "chars_per_s": 20.0, "spread": harness.summarize([0.4, 0.5, 0.6]).as_dict(),
+           "ttfc_s": 0.01, "achieved_gflops": 1.0, "floor_fraction": 0.25}
+    return {"device": "cpu: test", "versions": {"jax": "x"}, "mode": "tiny", "results": [row, dict(row, framework="torch")],
+            "ratios": {"r": {"what": "a vs b", "ratio": 2.5, "paired": {"min": 2.0, "max": 3.0}},
+                       "inf": {"what": "degenerate", "ratio": float("inf")}},
+            "parity": {"weights": "w", "greedy": {"tokens": 10, "agreement": 1.0, "first_divergence": None}}}
+
+
+def test_report_writes_json_markdown_and_png(tmp_path):
+    doc = _doc()
+    report.write_json(doc, tmp_path / "r.json")
+    report.write_markdown(doc, tmp_path / "r.md")
+    report.plot(doc, str(tmp_path / "r.png"))
+    loaded = json.loads((tmp_path / "r.json").read_text())
+    assert loaded["ratios"]["inf"]["ratio"] is None  # JSON has no inf
+    assert "| a vs b | **2.5x** | 2-3 |" in (tmp_path / "r.md").read_text()
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md", "r.png"]  # no temporaries left
+
+
+def test_report_rejects_a_malformed_document():
+    doc = _doc()
+    doc["results"][0]["framework"] = "tensorflow"
+    with pytest.raises(ValueError, match="framework"):
+        report.check_document(doc)
+    del doc["parity"]
+    with pytest.raises(ValueError, match="parity"):
+        report.check_document(doc)
+
+
+# ----------------------------------------------------------------------------- end to end (toy model)
+def test_tiny_suite_end_to_end(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    out = tmp_path / "b.json"
+    assert main(["--tiny", "--only", "limits,generation,porting,parity", "--json", str(out), "--markdown",
+                 str(tmp_path / "b.md"), "--plot", str(tmp_path / "b.png")]) == 0
+    doc = json.loads(out.read_text())
+    report.check_document(doc)
+    names = {(r["name"], r["impl"]) for r in doc["results"]}
+    n, mark, long = TINY.gen_steps, TINY.gen_mark, TINY.strided_steps
+    for expected in [(f"generate b1 {mark}", "jaxgpt exact"), (f"generate b1 {n}", "notebook loop"),
+                     (f"generate b1 {long}", "jaxgpt strided"), (f"generate b1 {long}", "notebook loop"),
+                     ("port weights.pt", "jaxgpt load_weights")]:
+        assert expected in names
+    for key in (f"gen_b1_{mark}_exact_vs_notebook", f"gen_b1_{n}_exact_vs_notebook",
+                f"gen_b1_{long}_strided_vs_notebook", "porting_vs_torch_load"):
+        assert doc["ratios"][key]["ratio"] > 0
+    assert all(r["seconds"] > 0 and r["spread"]["n"] == TINY.reps for r in doc["results"])
+    assert doc["parity"]["logits"]["max_abs_diff"] < 1e-4
+    assert doc["parity"]["sampled"]["agreement"] == 1.0
+    assert np.isfinite(doc["flops_per_char"]["window_step"])
+    assert "## Ratios" in capsys.readouterr().out
