@@ -6,9 +6,9 @@ so nothing stays in memory between them: it loads the weights, then times the fi
 "cold" process gets an empty cache directory, the "warm" one the directory the cold one
 filled. compile ~= first call - second call.
 
-The cache is switched on in the child through JAX's own options (set before jax is
-imported): jax_compilation_cache_dir, and minimum compile time / entry size 0 so that every
-compiled program is stored.
+The cache is switched on in the child exactly as the CLI does it:
+`jaxgpt.compile_cache.enable(cache_dir)` before anything compiles (every program is stored,
+however quick to compile).
 """
 
 from __future__ import annotations
@@ -22,20 +22,16 @@ import time
 
 from benchmarks.harness import summarize
 
-_CACHE_ENV = {
-    "JAX_COMPILATION_CACHE_DIR": None,  # filled per run
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-}
-
-
-def _child(weights: str, steps: int, batch: int, mode: str) -> dict:
+def _child(weights: str, cache_dir: str, steps: int, batch: int, mode: str) -> dict:
     begin = time.perf_counter()
     import numpy as np
 
     import porting
+    from jaxgpt import compile_cache
     from jaxgpt.generate import generate_tokens
 
+    if compile_cache.enable(cache_dir) != cache_dir:
+        raise RuntimeError(f"the compilation cache could not be enabled at {cache_dir}")
     imported = time.perf_counter()
     model = porting.load_weights(weights)
     loaded = time.perf_counter()
@@ -54,9 +50,8 @@ def _child(weights: str, steps: int, batch: int, mode: str) -> dict:
 
 
 def _spawn(weights: str, cache_dir: str, steps: int, batch: int, mode: str) -> dict:
-    env = dict(os.environ, **{k: v for k, v in _CACHE_ENV.items() if v is not None})
-    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-    cmd = [sys.executable, "-m", "benchmarks.compile_bench", "child", weights, str(steps), str(batch), mode]
+    env = {k: v for k, v in os.environ.items() if k != "JAXGPT_NO_COMPILE_CACHE"}
+    cmd = [sys.executable, "-m", "benchmarks.compile_bench", "child", weights, cache_dir, str(steps), str(batch), mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
     if proc.returncode != 0:
@@ -108,6 +103,6 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 6 or sys.argv[1] != "child":
-        sys.exit("usage: python -m benchmarks.compile_bench child WEIGHTS STEPS BATCH MODE")
-    print(json.dumps(_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])))
+    if len(sys.argv) != 7 or sys.argv[1] != "child":
+        sys.exit("usage: python -m benchmarks.compile_bench child WEIGHTS CACHE_DIR STEPS BATCH MODE")
+    print(json.dumps(_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])))

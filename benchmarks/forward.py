@@ -3,7 +3,8 @@
 jaxgpt's forward is `jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))` with the
 parameters traced (as the engine and the training step do); the clock stops after
 `block_until_ready`. The torch models run under `inference_mode` (the reference under
-`no_grad`, as the notebook's code); the tuned one also `torch.compile`d when asked.
+`no_grad`, as the notebook's code); the tuned one also at other thread counts and
+`torch.compile`d when asked; the fastest tuned variant is the ratio's baseline.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from benchmarks import roofline
 from benchmarks.harness import interleave, make_result, paired_ratio
 
 
-def _torch_case(fn, tokens, ctx_factory):
+def _torch_case(fn, tokens, ctx_factory, threads=None):
+    from benchmarks.torch_tuned import torch_threads
+
     def case(warm: bool):
-        with ctx_factory():
+        with ctx_factory(), torch_threads(threads):
             begin = time.perf_counter()
             fn(tokens).cpu()  # device sync
             return {"seconds": time.perf_counter() - begin}
@@ -62,6 +65,10 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
             "torch tuned eager": _torch_case(models.tuned, tokens, torch.inference_mode),
             "jaxgpt": _jax_case(models.jax, tokens_np),
         }
+        for n in suite.torch_threads:
+            if n != torch.get_num_threads():
+                cases[f"torch tuned eager, {n} thread{'s' if n > 1 else ''}"] = _torch_case(
+                    models.tuned, tokens, torch.inference_mode, n)
         if compiled_forward is not None:
             cases["torch tuned compiled"] = _torch_case(compiled_forward, tokens, torch.inference_mode)
         measured = interleave(cases, suite.reps, suite.warmup, progress)

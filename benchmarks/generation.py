@@ -24,8 +24,28 @@ from benchmarks.harness import interleave, make_result, paired_ratio
 NOTEBOOK, JAX_EXACT, JAX_STRIDED = "notebook loop", "jaxgpt exact", "jaxgpt strided"
 
 
-def _tuned_name(compiled: bool, strided: bool = False) -> str:
-    return f"torch tuned{' strided' if strided else ''} {'compiled' if compiled else 'eager'}"
+class Tuned:
+    """One variant of the tuned torch baseline: eager or compiled, at some intra-op thread count."""
+
+    def __init__(self, generator, threads: int | None):
+        self.generator, self.threads = generator, threads
+
+    def name(self, strided: bool = False) -> str:
+        kind = "compiled" if self.generator.compiled else "eager"
+        threads = "" if self.threads is None else f", {self.threads} thread{'s' if self.threads > 1 else ''}"
+        return f"torch tuned{' strided' if strided else ''} {kind}{threads}"
+
+
+def _tuned_variants(suite, batch: int, generators) -> list[Tuned]:
+    """Eager at the default thread count, eager at each `suite.torch_threads`, compiled where asked."""
+    import torch
+
+    default = torch.get_num_threads()
+    variants = [Tuned(generators[False], None)]
+    variants += [Tuned(generators[False], n) for n in suite.torch_threads if n != default]
+    if batch in suite.compile_torch_batches:
+        variants.append(Tuned(generators[True], None))
+    return variants
 
 
 def _notebook_case(models, batch: int, steps: int, marks: tuple[int, ...]):
@@ -41,7 +61,7 @@ def _notebook_case(models, batch: int, steps: int, marks: tuple[int, ...]):
         starts = []  # the k-th forward starts once k - 1 characters exist
         hook = ref.register_forward_pre_hook(lambda module, args: starts.append(time.perf_counter()))
         try:
-            torch.manual_seed(len(starts))
+            torch.manual_seed(0)
             begin = time.perf_counter()
             out = notebook_generate(ref, n, context, c)
             out.cpu()  # device sync
@@ -58,8 +78,10 @@ def _notebook_case(models, batch: int, steps: int, marks: tuple[int, ...]):
     return case
 
 
-def _tuned_case(models, generator, batch: int, steps: int, marks: tuple[int, ...], keep: int | None):
+def _tuned_case(models, variant: Tuned, batch: int, steps: int, marks: tuple[int, ...], keep: int | None):
     import torch
+
+    from benchmarks.torch_tuned import torch_threads
 
     c = models.config.context_length
     context = torch.zeros((batch, 1), dtype=torch.long, device=models.torch_device)
@@ -69,11 +91,12 @@ def _tuned_case(models, generator, batch: int, steps: int, marks: tuple[int, ...
         n = min(steps, c + 2) if warm else steps
         done = [0.0] * n
         gen = torch.Generator(device=models.torch_device).manual_seed(0)
-        begin = time.perf_counter()
-        out = generator.generate(context, n, keep=keep, generator=gen,
-                                 on_token=lambda s: done.__setitem__(s, time.perf_counter() - begin))
-        out.cpu()
-        end = time.perf_counter()
+        with torch_threads(variant.threads):
+            begin = time.perf_counter()
+            out = variant.generator.generate(context, n, keep=keep, generator=gen,
+                                             on_token=lambda s: done.__setitem__(s, time.perf_counter() - begin))
+            out.cpu()
+            end = time.perf_counter()
         row = {"seconds": end - begin, "ttfc": done[0]}
         row.update({f"t{m}": done[m - 1] for m in marks if m <= n})
         if warm and n < steps:
@@ -130,6 +153,13 @@ class _Group:
         flops = roofline.flops_generation(cfg, batch, 1, steps, keep)
         return roofline.annotate(r, flops, steps * roofline.weight_bytes(cfg), self.limits)
 
+    def median(self, case, key="seconds") -> float:
+        return float(np.median([run[key] for run in self.measured[case].runs]))
+
+    def fastest(self, cases, key="seconds") -> str:
+        """The case with the smallest median `key`: the strongest baseline among variants."""
+        return min(cases, key=lambda case: self.median(case, key))
+
     def ratio(self, slow, fast, what, slow_key="seconds", fast_key="seconds"):
         out = paired_ratio(self.measured[slow].runs, self.measured[fast].runs, slow_key, fast_key)
         return {"what": what, **out}
@@ -145,13 +175,13 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
       progress: callback for progress lines.
 
     Returns:
-      (result rows, ratios). A ratio is torch time / jaxgpt time (> 1: jaxgpt is faster).
+      (result rows, ratios). A ratio is torch time / jaxgpt time (> 1: jaxgpt is faster); the
+      tuned side of a ratio is the fastest tuned variant of that group (the strongest baseline).
     """
     from benchmarks.torch_tuned import TunedGenerator
     from jaxgpt.generate import default_stride
 
-    cfg = models.config
-    c = cfg.context_length
+    c = models.config.context_length
     stride = suite.stride or default_stride(c)
     keep = c + 1 - stride
     generators = {False: TunedGenerator(models.tuned), True: None}
@@ -159,28 +189,28 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         generators[True] = TunedGenerator(models.tuned, compile=True)
     rows, ratios = [], {}
 
-    # --- batch 1: growing context, exact 400, strided 5000 ------------------------------------
+    # --- batch 1: growing context, exact, strided ---------------------------------------------
     n, mark, long = suite.gen_steps, suite.gen_mark, suite.strided_steps
     marks = tuple(sorted({mark, min(c, n)}))
     g = _Group(models, suite, limits)
     g.cases[NOTEBOOK] = _notebook_case(models, 1, n, marks)
-    compiled_b1 = [False] + ([True] if 1 in suite.compile_torch_batches else [])
-    for comp in compiled_b1:
-        g.cases[_tuned_name(comp)] = _tuned_case(models, generators[comp], 1, n, marks, None)
-        g.cases[_tuned_name(comp, True)] = _tuned_case(models, generators[comp], 1, long, (), keep)
+    tuned = _tuned_variants(suite, 1, generators)
+    for v in tuned:
+        g.cases[v.name()] = _tuned_case(models, v, 1, n, marks, None)
+        g.cases[v.name(True)] = _tuned_case(models, v, 1, long, (), keep)
     g.cases["jax ttfc"] = _jax_case(models.jax, 1, 1, "exact", None)
     g.cases["jax mark"] = _jax_case(models.jax, 1, mark, "exact", None)
     g.cases[JAX_EXACT] = _jax_case(models.jax, 1, n, "exact", None)
     g.cases[JAX_STRIDED] = _jax_case(models.jax, 1, long, "strided", stride)
     g.run(progress)
 
-    jax_ttfc = float(np.median([r["seconds"] for r in g.measured["jax ttfc"].runs]))
+    jax_ttfc = g.median("jax ttfc")
     rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, mark, key=f"t{mark}"))
     rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, n))
-    for comp in compiled_b1:
-        rows.append(g.row(_tuned_name(comp), _tuned_name(comp), 1, mark, key=f"t{mark}"))
-        rows.append(g.row(_tuned_name(comp), _tuned_name(comp), 1, n))
-        rows.append(g.row(_tuned_name(comp, True), _tuned_name(comp, True), 1, long, keep=keep, stride=stride))
+    for v in tuned:
+        rows.append(g.row(v.name(), v.name(), 1, mark, key=f"t{mark}"))
+        rows.append(g.row(v.name(), v.name(), 1, n))
+        rows.append(g.row(v.name(True), v.name(True), 1, long, keep=keep, stride=stride))
     rows.append(g.row("jax mark", JAX_EXACT, 1, mark, ttfc_s=jax_ttfc))
     rows.append(g.row(JAX_EXACT, JAX_EXACT, 1, n, ttfc_s=jax_ttfc))
     rows.append(g.row(JAX_STRIDED, JAX_STRIDED, 1, long, keep=keep, stride=stride, ttfc_s=jax_ttfc))
@@ -191,55 +221,58 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
                           extrapolated_from=f"{n} measured characters (window full after {c})"))
         ratios[f"gen_b1_{long}_strided_vs_notebook"] = g.ratio(
             NOTEBOOK, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs the notebook loop (extrapolated)", ext)
-    best_tuned = _tuned_name(min(compiled_b1, key=lambda comp: g.row(_tuned_name(comp), "", 1, n)["seconds"]))
+    best = g.fastest([v.name() for v in tuned], f"t{mark}")
     ratios[f"gen_b1_{mark}_exact_vs_notebook"] = g.ratio(
         NOTEBOOK, "jax mark", f"batch 1, first {mark} chars (growing context): jaxgpt exact vs the notebook loop",
         f"t{mark}")
     ratios[f"gen_b1_{n}_exact_vs_notebook"] = g.ratio(
         NOTEBOOK, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs the notebook loop")
     ratios[f"gen_b1_{mark}_exact_vs_tuned"] = g.ratio(
-        best_tuned, "jax mark", f"batch 1, first {mark} chars: jaxgpt exact vs {best_tuned}", f"t{mark}")
-    ratios[f"gen_b1_{n}_exact_vs_tuned"] = g.ratio(
-        best_tuned, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs {best_tuned}")
-    best_strided = _tuned_name(min(compiled_b1, key=lambda comp: g.row(_tuned_name(comp, True), "", 1, long,
-                                                                         keep=keep)["seconds"]), True)
+        best, "jax mark", f"batch 1, first {mark} chars: jaxgpt exact vs {best}", f"t{mark}")
+    best = g.fastest([v.name() for v in tuned])
+    ratios[f"gen_b1_{n}_exact_vs_tuned"] = g.ratio(best, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs {best}")
+    best_strided = g.fastest([v.name(True) for v in tuned])
     ratios[f"gen_b1_{long}_strided_vs_tuned_strided"] = g.ratio(
         best_strided, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs {best_strided} (same algorithm)")
+    best = g.fastest([v.name() for v in tuned], "ttfc")
     ratios["ttfc_b1_vs_tuned"] = g.ratio(
-        best_tuned, "jax ttfc", f"batch 1 time to first character: jaxgpt vs {best_tuned}", "ttfc")
+        best, "jax ttfc", f"batch 1 time to first character: jaxgpt vs {best}", "ttfc")
 
     # --- larger batches -----------------------------------------------------------------------
     for batch, steps in suite.batch_steps:
         g = _Group(models, suite, limits)
         marks = (min(c, steps),)
+        overflow = steps > c  # strided differs from exact only once the window overflows
+        tuned = _tuned_variants(suite, batch, generators)
         g.cases[NOTEBOOK] = _notebook_case(models, batch, steps, marks)
-        compiled = [False] + ([True] if batch in suite.compile_torch_batches else [])
-        for comp in compiled:
-            g.cases[_tuned_name(comp)] = _tuned_case(models, generators[comp], batch, steps, marks, None)
+        for v in tuned:
+            g.cases[v.name()] = _tuned_case(models, v, batch, steps, marks, None)
+            if overflow:
+                g.cases[v.name(True)] = _tuned_case(models, v, batch, steps, (), keep)
         g.cases["jax ttfc"] = _jax_case(models.jax, batch, 1, "exact", None)
         g.cases[JAX_EXACT] = _jax_case(models.jax, batch, steps, "exact", None)
-        overflow = steps > c  # strided differs from exact only once the window overflows
         if overflow:
-            g.cases[_tuned_name(False, True)] = _tuned_case(models, generators[False], batch, steps, (), keep)
             g.cases[JAX_STRIDED] = _jax_case(models.jax, batch, steps, "strided", stride)
         g.run(progress)
-        jax_ttfc = float(np.median([r["seconds"] for r in g.measured["jax ttfc"].runs]))
+
+        jax_ttfc = g.median("jax ttfc")
         rows.append(g.row(NOTEBOOK, NOTEBOOK, batch, steps))
-        for comp in compiled:
-            rows.append(g.row(_tuned_name(comp), _tuned_name(comp), batch, steps))
+        for v in tuned:
+            rows.append(g.row(v.name(), v.name(), batch, steps))
+            if overflow:
+                rows.append(g.row(v.name(True), v.name(True), batch, steps, keep=keep, stride=stride))
         rows.append(g.row(JAX_EXACT, JAX_EXACT, batch, steps, ttfc_s=jax_ttfc))
-        best = _tuned_name(min(compiled, key=lambda comp: g.row(_tuned_name(comp), "", batch, steps)["seconds"]))
+        best = g.fastest([v.name() for v in tuned])
         ratios[f"gen_b{batch}_{steps}_exact_vs_notebook"] = g.ratio(
             NOTEBOOK, JAX_EXACT, f"batch {batch}, {steps} chars per row: jaxgpt exact vs the notebook loop")
         ratios[f"gen_b{batch}_{steps}_exact_vs_tuned"] = g.ratio(
             best, JAX_EXACT, f"batch {batch}, {steps} chars per row: jaxgpt exact vs {best}")
+        best = g.fastest([v.name() for v in tuned], "ttfc")
         ratios[f"ttfc_b{batch}_vs_tuned"] = g.ratio(
             best, "jax ttfc", f"batch {batch} time to first character: jaxgpt vs {best}", "ttfc")
         if overflow:
-            rows.append(g.row(_tuned_name(False, True), _tuned_name(False, True), batch, steps, keep=keep,
-                              stride=stride))
             rows.append(g.row(JAX_STRIDED, JAX_STRIDED, batch, steps, keep=keep, stride=stride, ttfc_s=jax_ttfc))
+            best = g.fastest([v.name(True) for v in tuned])
             ratios[f"gen_b{batch}_{steps}_strided_vs_tuned_strided"] = g.ratio(
-                _tuned_name(False, True), JAX_STRIDED,
-                f"batch {batch}, {steps} chars per row: jaxgpt strided vs torch tuned strided eager")
+                best, JAX_STRIDED, f"batch {batch}, {steps} chars per row: jaxgpt strided vs {best} (same algorithm)")
     return rows, ratios

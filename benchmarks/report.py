@@ -109,6 +109,13 @@ def markdown(doc: dict) -> str:
     lines += ["", "## Results", "", *_results_table(doc["results"]), ""]
     lines += ["Median over the measured rounds (warm-ups excluded); IQR = interquartile range; TTFC = time to "
               "first character; FLOP floor = FLOPs / measured matmul peak, as a fraction of the median time.", ""]
+    compiles = [r for r in doc["results"] if "compile_s" in r]
+    if compiles:
+        lines += ["## Compilation (fresh process per measurement)", "",
+                  "| case | first call s | of which compile s | steady call s |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['name']} | {_fmt(r['seconds'])} | {_fmt(r['compile_s'])} | {_fmt(r.get('steady_call_s'))} |"
+                  for r in compiles]
+        lines.append("")
     limits = doc.get("limits")
     if limits:
         lines += ["## Device limits (measured)", ""]
@@ -120,7 +127,8 @@ def markdown(doc: dict) -> str:
     if flops:
         lines += [f"- FLOPs per character: {flops['formula']}", f"  - {flops['summary']}"]
     p = doc["parity"]
-    lines += ["", "## Parity (jaxgpt vs the notebook's torch model, same weights)", ""]
+    if set(p) - {"weights"}:
+        lines += ["", "## Parity (jaxgpt vs the notebook's torch model, same weights)", ""]
     if "logits" in p:
         lg = p["logits"]
         lines.append(f"- logits: max |difference| {lg['max_abs_diff']:.2e} (mean {lg['mean_abs_diff']:.2e}) over "

@@ -29,6 +29,8 @@ class SuiteConfig:
       batch_steps: (batch, characters per row) of the batched generations.
       compile_torch_batches: batches at which the torch.compile'd tuned baseline is also run
         (each new shape costs a compilation of a minute or more on a small CPU).
+      torch_threads: extra intra-op thread counts at which the eager tuned baseline also runs
+        (torch's default is always run; the fastest variant is the baseline of each ratio).
       forward_shapes: (B, T) of the forward-logits benchmark.
       compile_forward: also time the torch.compile'd tuned forward.
       train_quick: passed to `benchmarks.train_step.run`.
@@ -49,6 +51,7 @@ class SuiteConfig:
     stride: int | None = None
     batch_steps: tuple[tuple[int, int], ...] = ((8, 400), (64, 160))
     compile_torch_batches: tuple[int, ...] = (1, 8, 64)
+    torch_threads: tuple[int, ...] = (1,)
     forward_shapes: tuple[tuple[int, int], ...] = ((1, 128), (64, 128))
     compile_forward: bool = True
     train_quick: bool = False

@@ -13,7 +13,9 @@ positions 0..C-1, because the learned absolute positions shift):
   projection run on the last position only;
 - a preallocated token buffer (no `torch.cat` per step);
 - optionally `torch.compile` of the two step functions (both have static shapes, so each
-  compiles once; whether it helps is measured by the suite, not assumed).
+  compiles once; whether it helps is measured by the suite, not assumed);
+- optionally fewer intra-op threads (`torch_threads`): on a small, busy CPU one thread can
+  beat the default for these small matmuls (measured by the suite, not assumed).
 
 Weights are loaded from the same notebook state dict as the reference model
 (`porting.torch_reference`), both variants. `TunedGPT.forward` matches the reference's logits
@@ -21,6 +23,8 @@ to float32 rounding (the suite checks 1e-5).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -250,4 +254,18 @@ class TunedGenerator:
         return buf[:, t0:].clone()
 
 
-__all__ = ["TunedGPT", "TunedGenerator"]
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Runs the body with `torch.set_num_threads(n)` (None: unchanged), then restores the count."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+__all__ = ["TunedGPT", "TunedGenerator", "torch_threads"]
