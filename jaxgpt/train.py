@@ -2,16 +2,19 @@
 
 The compiled step takes the parameters and optimizer state as traced (donated) arguments; the
 model structure (graphdef) and the optimizer are closed over, so the step compiles once per
-(model config, TrainConfig, batch shape). Batches and dropout keys are pure functions of
-(seed, step), which is what makes a resumed run reproduce an uninterrupted one exactly.
+(model config, TrainConfig, batch shape): changing any of them recompiles, nothing else does.
+Batches and dropout keys are pure functions of (seed, step), which is what makes a resumed run
+reproduce an uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import math
 import os
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -25,10 +28,21 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.data import Split, get_batch
 from jaxgpt.model import GPT
 
+RUN_FILE = "run.json"  # beside the orbax step directories: what the checkpoints were trained with
+HISTORY_FILE = "history.json"
+
+
+class ResumeError(ValueError):
+    """A checkpoint directory holds a run that the requested one cannot continue."""
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation hyper-parameters. Changing any of them recompiles the train step."""
+    """Optimisation hyper-parameters. Changing any of them recompiles the train step.
+
+    `eval_interval`, `eval_batches`, `checkpoint_interval` and `log_interval` only decide what
+    is measured and saved when; the others (`NUMERIC_FIELDS`) decide the trained weights.
+    """
 
     steps: int = 5000
     batch_size: int = 64
@@ -43,28 +57,44 @@ class TrainConfig:
     eval_batches: int = 20
     checkpoint_interval: int = 250
     seed: int = 0
+    log_interval: int = 10
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_interval", "eval_batches", "checkpoint_interval"):
+        for name in ("steps", "batch_size", "eval_interval", "eval_batches", "checkpoint_interval", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.learning_rate <= 0 or self.min_learning_rate < 0:
             raise ValueError("learning rates must be positive and warmup_steps >= 0")
+        if self.grad_clip <= 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip must be positive and weight_decay >= 0")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
+NUMERIC_FIELDS = ("steps", "batch_size", "learning_rate", "min_learning_rate", "warmup_steps", "weight_decay",
+                  "beta1", "beta2", "grad_clip", "seed")
+
+
+def make_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate`, then cosine decay to `min_learning_rate` at `steps`."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
         warmup_steps=config.warmup_steps,
         decay_steps=max(config.steps, config.warmup_steps + 1),
         end_value=config.min_learning_rate,
     )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the schedule; weight decay on matrices/embeddings only."""
     # Decay matrices and embeddings only (as nanoGPT): biases and LayerNorm scales keep their scale.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip),
-        optax.adamw(schedule, b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay, mask=decay_mask),
+        optax.adamw(make_schedule(config), b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay,
+                    mask=decay_mask),
     )
 
 
@@ -76,7 +106,8 @@ def cross_entropy(logits, targets):
 def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
     """Returns jitted `step(params, opt_state, x, y, key) -> (params, opt_state, loss, grad_norm)`.
 
-    `graphdef` must come from a model in training mode (dropout on).
+    `graphdef` must come from a model in training mode (dropout on). `params` and `opt_state`
+    are donated: pass the returned ones to the next call.
     """
 
     def step(params, opt_state, x, y, key):
@@ -112,105 +143,260 @@ def estimate_loss(eval_loss, params, tokens: np.ndarray, context_length: int, ba
     return float(np.mean(jax.device_get(losses)))
 
 
-def _checkpoint_manager(directory: str, interval: int):
+# ----------------------------------------------------------------------------- run records
+def _write_json(path: str, data) -> None:
+    """Writes JSON atomically (temporary file in the same directory, then os.replace)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def run_record(model_config: GPTConfig, config: TrainConfig, run_info: dict | None = None) -> dict:
+    """What decides a run's numbers: the model config, the numeric TrainConfig fields, `run_info`."""
+    return {
+        "model": dataclasses.asdict(model_config),
+        "train": {name: getattr(config, name) for name in NUMERIC_FIELDS},
+        "run": dict(run_info or {}),
+    }
+
+
+def check_resumable(checkpoint_dir: str, model_config: GPTConfig, config: TrainConfig,
+                    run_info: dict | None = None) -> int | None:
+    """The step a run in `checkpoint_dir` would resume from, after checking it is the same run.
+
+    Args:
+      checkpoint_dir: a `fit` checkpoint directory (need not exist).
+      model_config, config, run_info: the run about to start.
+
+    Returns:
+      The latest saved step, or None when there is no checkpoint to resume.
+
+    Raises:
+      ResumeError: the saved run differs (each differing setting is named), or its record is unreadable.
+    """
+    run_path = os.path.join(checkpoint_dir, RUN_FILE)
+    latest = latest_step(checkpoint_dir)
+    if latest is None:
+        return None
+    if not os.path.exists(run_path):  # written by an older fit: nothing to compare against
+        return latest
+    try:
+        with open(run_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResumeError(f"{run_path}: unreadable run record ({e})") from None
+    now = json.loads(json.dumps(run_record(model_config, config, run_info)))  # tuples -> lists, as saved
+    diffs = []
+    for section in ("model", "train", "run"):
+        old, new = saved.get(section, {}), now[section]
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                diffs.append(f"{key} {_short(old.get(key))} (now {_short(new.get(key))})")
+    if diffs:
+        raise ResumeError(
+            f"{checkpoint_dir} holds checkpoints (up to step {latest}) of a different run: {'; '.join(diffs)}; "
+            "use the same settings to resume it, or another output directory"
+        )
+    return latest
+
+
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, (int, float)) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def latest_step(checkpoint_dir: str) -> int | None:
+    """The latest complete orbax checkpoint step in `checkpoint_dir`, without creating anything."""
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    steps = [int(name) for name in os.listdir(checkpoint_dir)
+             if name.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, name))]
+    return max(steps) if steps else None
+
+
+def _checkpoint_manager(directory: str):
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=interval, create=True)
+    # Saves happen exactly when fit decides (force=True); synchronous, so a checkpoint on disk
+    # is complete when fit moves on. Orbax writes each step to a temporary directory and renames
+    # it when complete; leftovers of an interrupted save are removed at the next start.
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+class _GracefulStop:
+    """First Ctrl-C: finish the current step, checkpoint, then raise KeyboardInterrupt.
+
+    A second Ctrl-C interrupts at once. Only installed in the main thread (signals need it).
+    """
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C is a plain interrupt
+
+    def __enter__(self):
+        if self._enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ----------------------------------------------------------------------------- the loop
 def fit(
     model: GPT,
     split: Split,
     config: TrainConfig,
     *,
     checkpoint_dir: str | None = None,
+    history_path: str | None = None,
+    run_info: dict | None = None,
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[int, list[dict]], None] | None = None,
 ) -> tuple[GPT, list[dict]]:
-    """Trains `model` in place-equivalent fashion and returns (trained model, history).
+    """Trains a copy of `model`'s parameters; returns (trained model, history).
 
-    With `checkpoint_dir`, an orbax checkpoint (params, optimizer state, step) is written every
-    `checkpoint_interval` steps and at the end, and training resumes from the latest one found
-    there: batches and dropout keys depend only on (seed, step), so the resumed run computes
-    exactly what the uninterrupted one would have.
+    Every `log_interval` steps (and at evaluations and the last step) the loop waits for the
+    device and records the step's training loss, gradient norm, learning rate and the measured
+    training throughput (tokens/s over the steps since the previous record, excluding
+    compilation, evaluation and checkpoint time); every `eval_interval` steps and at the end it
+    adds the validation loss (`eval_batches` fixed batches of the validation split).
+
+    With `checkpoint_dir`, an orbax checkpoint (params, optimizer state) is written every
+    `checkpoint_interval` steps, at the end, and when Ctrl-C is pressed (the step in flight
+    finishes, the checkpoint is written, then KeyboardInterrupt is raised); training resumes
+    from the latest one found there. Batches and dropout keys depend only on (seed, step), so
+    the resumed run computes exactly what the uninterrupted one would have, and its history
+    records are identical (throughput aside). `run.json` beside the checkpoints records the
+    model config, the numeric TrainConfig fields and `run_info`; resuming with different ones
+    raises ResumeError.
+
+    Args:
+      model: the initial model (not modified; its parameters are copied).
+      split: training and validation token arrays.
+      config: optimisation settings.
+      checkpoint_dir: orbax checkpoint directory (created if needed), or None.
+      history_path: where the history JSON is kept (default `checkpoint_dir/history.json`).
+      run_info: JSON-serialisable facts that must match on resume (e.g. a hash of the text).
+      progress: show a tqdm bar with loss, validation loss, tokens/s and ETA.
+      log: called with each history record.
+      on_checkpoint: called with (step, history) after each checkpoint is written.
 
     Returns:
       The model in eval mode with the trained parameters, and a list of history records
-      `{"step", "loss", "grad_norm", "lr", "val_loss"?, "tokens_per_s"}`.
+      `{"step", "loss", "grad_norm", "lr", "tokens_per_s" (None right after (re)start), "val_loss"?}`.
+
+    Raises:
+      ResumeError: `checkpoint_dir` holds a different run, or one beyond `config.steps`.
+      KeyboardInterrupt: after the checkpoint of an interrupted run is written.
     """
     from tqdm.auto import tqdm
 
     mc: GPTConfig = model.config
     train_def, eval_def, params = split_modes(model)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its inputs: keep the caller's model intact
     tx = make_optimizer(config)
     opt_state = tx.init(params)
     train_step = make_train_step(train_def, tx)
     eval_loss = make_eval_loss(eval_def)
-    schedule_lr = lambda s: float(
-        optax.warmup_cosine_decay_schedule(
-            0.0, config.learning_rate, config.warmup_steps, max(config.steps, config.warmup_steps + 1),
-            config.min_learning_rate,
-        )(s)
-    )
+    schedule = make_schedule(config)
+    if history_path is None and checkpoint_dir is not None:
+        history_path = os.path.join(checkpoint_dir, HISTORY_FILE)
+
     history: list[dict] = []
     start = 0
     manager = None
     if checkpoint_dir is not None:
         import orbax.checkpoint as ocp
 
-        manager = _checkpoint_manager(checkpoint_dir, config.checkpoint_interval)
-        latest = manager.latest_step()
+        latest = check_resumable(checkpoint_dir, mc, config, run_info)
+        if latest is not None and latest > config.steps:
+            raise ResumeError(f"{checkpoint_dir} holds a checkpoint at step {latest}, beyond steps={config.steps}")
+        manager = _checkpoint_manager(checkpoint_dir)
         if latest is not None:
             target = {"params": params, "opt_state": opt_state}
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
             restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
             params, opt_state = restored["params"], restored["opt_state"]
             start = latest
-            history_path = os.path.join(checkpoint_dir, "history.json")
-            if os.path.exists(history_path):
-                with open(history_path) as f:
+            if history_path is not None and os.path.exists(history_path):
+                with open(history_path, encoding="utf-8") as f:
                     history = [h for h in json.load(f) if h["step"] <= start]
+        else:
+            _write_json(os.path.join(checkpoint_dir, RUN_FILE), run_record(mc, config, run_info))
+
+    def save(done: int) -> None:
+        manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
+        manager.wait_until_finished()
+        if history_path is not None:
+            _write_json(history_path, history)
+        if on_checkpoint is not None:
+            on_checkpoint(done, history)
+
     key = jax.random.key(config.seed)
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     tokens_per_step = config.batch_size * mc.context_length
-    t_last, last_step = time.perf_counter(), start
-    for step in range(start, config.steps):
-        x, y = get_batch(split.train, mc.context_length, config.batch_size, config.seed, step)
-        params, opt_state, loss, grad_norm = train_step(params, opt_state, x, y, jax.random.fold_in(key, step))
-        done = step + 1
-        record = None
-        if done % config.eval_interval == 0 or done == config.steps or done == start + 1:
-            loss_value = float(loss)  # waits for the step: the timing below covers real work
-            now = time.perf_counter()
-            record = {
-                "step": done,
-                "loss": loss_value,
-                "grad_norm": float(grad_norm),
-                "lr": schedule_lr(step),
-                "tokens_per_s": (done - last_step) * tokens_per_step / (now - t_last),
-            }
-            if done % config.eval_interval == 0 or done == config.steps:
-                record["val_loss"] = estimate_loss(
-                    eval_loss, params, split.val, mc.context_length, config.batch_size, config.eval_batches, config.seed
-                )
-            t_last, last_step = time.perf_counter(), done
-            history.append(record)
-            if log is not None:
-                log(record)
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}",
-                val=f"{record.get('val_loss', float('nan')):.3f}",
-                tok_s=f"{record['tokens_per_s']:.0f}",
-            )
-        bar.update(1)
-        if manager is not None and (done % config.checkpoint_interval == 0 or done == config.steps):
-            manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-            manager.wait_until_finished()
-            with open(os.path.join(checkpoint_dir, "history.json"), "w") as f:
-                json.dump(history, f, indent=1)
-    bar.close()
-    if manager is not None:
-        manager.close()
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    postfix: dict[str, str] = {}
+    t_last, last_done = None, start  # no throughput window until the first (compiling) step is done
+    try:
+        with _GracefulStop(enabled=manager is not None) as stop:
+            for step in range(start, config.steps):
+                x, y = get_batch(split.train, mc.context_length, config.batch_size, config.seed, step)
+                params, opt_state, loss, grad_norm = train_step(params, opt_state, x, y, jax.random.fold_in(key, step))
+                done = step + 1
+                evaluate = done % config.eval_interval == 0 or done == config.steps
+                if done % config.log_interval == 0 or evaluate:
+                    loss_value = float(loss)  # waits for the device: the window below timed real work
+                    now = time.perf_counter()
+                    record = {
+                        "step": done,
+                        "loss": loss_value,
+                        "grad_norm": float(grad_norm),
+                        "lr": float(schedule(step)),
+                        "tokens_per_s": None if t_last is None else (done - last_done) * tokens_per_step / (now - t_last),
+                    }
+                    if evaluate:
+                        record["val_loss"] = estimate_loss(eval_loss, params, split.val, mc.context_length,
+                                                           config.batch_size, config.eval_batches, config.seed)
+                        postfix["val"] = f"{record['val_loss']:.3f}"
+                    history.append(record)
+                    if log is not None:
+                        log(record)
+                    postfix["loss"] = f"{loss_value:.3f}"
+                    if record["tokens_per_s"] is not None:
+                        postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    t_last, last_done = time.perf_counter(), done
+                elif t_last is None:
+                    loss.block_until_ready()  # the first step compiled: start the throughput clock after it
+                    t_last, last_done = time.perf_counter(), done
+                bar.update(1)
+                if manager is not None and (done % config.checkpoint_interval == 0 or done == config.steps
+                                            or stop.requested):
+                    save(done)
+                    t_last, last_done = time.perf_counter(), done
+                if stop.requested:
+                    bar.close()
+                    raise KeyboardInterrupt(f"stopped at step {done}; checkpoint saved in {checkpoint_dir}")
+    finally:
+        bar.close()
+        if manager is not None:
+            manager.close()
     trained = nnx.merge(eval_def, params)
     return trained, history
