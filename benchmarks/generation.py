@@ -6,10 +6,15 @@ growing-context mark and the moment the window fills); jaxgpt runs one compiled 
 length (`generate_tokens(num_new=1)` is its time to first character: prefill + one step +
 host round trip, warm).
 
-The notebook's loop at 5000 characters would take many minutes per repetition; its cost per
-character is constant once the window is full (every step is the same (B, C) forward), so its
-5000-character time is extrapolated from each measured run: t(N) = t(n) + (N - n) * (t(n) -
-t(C)) / (n - C). Rows computed that way say `"extrapolated": true`.
+The tuned torch baseline runs at the intra-op thread count a short probe finds fastest for
+each batch size (`torch_tuned.probe_threads`; on a small busy CPU one thread can be several
+times faster than torch's default for these small matmuls); the probe's figures go into the
+rows. The notebook loop runs at torch's default, as the notebook does.
+
+The notebook loop at 5000 characters would take many minutes per repetition; its cost per
+character is constant once the window is full (every step is the same (B, C) forward), so
+its longer times are extrapolated from each measured run: t(N) = t(n) + (N - n) * (t(n) -
+t(C)) / (n - C). Rows (and ratios) computed that way say so.
 """
 
 from __future__ import annotations
@@ -25,27 +30,27 @@ NOTEBOOK, JAX_EXACT, JAX_STRIDED = "notebook loop", "jaxgpt exact", "jaxgpt stri
 
 
 class Tuned:
-    """One variant of the tuned torch baseline: eager or compiled, at some intra-op thread count."""
+    """One variant of the tuned torch baseline: eager or compiled, at an intra-op thread count."""
 
-    def __init__(self, generator, threads: int | None):
+    def __init__(self, generator, threads: int):
         self.generator, self.threads = generator, threads
 
     def name(self, strided: bool = False) -> str:
         kind = "compiled" if self.generator.compiled else "eager"
-        threads = "" if self.threads is None else f", {self.threads} thread{'s' if self.threads > 1 else ''}"
-        return f"torch tuned{' strided' if strided else ''} {kind}{threads}"
+        return f"torch tuned{' strided' if strided else ''} {kind}, {self.threads} thread{'s' if self.threads > 1 else ''}"
 
 
-def _tuned_variants(suite, batch: int, generators) -> list[Tuned]:
-    """Eager at the default thread count, eager at each `suite.torch_threads`, compiled where asked."""
-    import torch
+def _tuned_variants(models, suite, batch: int, steps: int, generators) -> tuple[list[Tuned], dict]:
+    """The tuned baseline at the thread count the probe finds fastest: eager, and compiled where asked."""
+    from benchmarks.torch_tuned import probe_threads
 
-    default = torch.get_num_threads()
-    variants = [Tuned(generators[False], None)]
-    variants += [Tuned(generators[False], n) for n in suite.torch_threads if n != default]
+    c = models.config.context_length
+    threads, probe = probe_threads(models.tuned, batch, suite.torch_threads, min(steps, c), max(steps - c, 0),
+                                   device=models.torch_device)
+    variants = [Tuned(generators[False], threads)]
     if batch in suite.compile_torch_batches:
-        variants.append(Tuned(generators[True], None))
-    return variants
+        variants.append(Tuned(generators[True], threads))
+    return variants, {"chosen": threads, "candidates": {str(n): v for n, v in probe.items()}}
 
 
 def _notebook_case(models, batch: int, steps: int, marks: tuple[int, ...]):
@@ -133,7 +138,7 @@ class _Group:
 
     def __init__(self, models, suite, limits):
         self.models, self.suite, self.limits = models, suite, limits
-        self.cases, self.measured = {}, {}
+        self.cases, self.measured, self.extra = {}, {}, {}
 
     def run(self, progress):
         self.measured = interleave(self.cases, self.suite.reps, self.suite.warmup, progress)
@@ -149,6 +154,8 @@ class _Group:
             r["ttfc_s"] = float(np.median([run["ttfc"] for run in self.measured[case].runs]))
         if keep is not None:
             r["keep"] = keep
+        if impl.startswith("torch tuned"):
+            r.update(self.extra)
         cfg = self.models.config
         flops = roofline.flops_generation(cfg, batch, 1, steps, keep)
         return roofline.annotate(r, flops, steps * roofline.weight_bytes(cfg), self.limits)
@@ -191,10 +198,13 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
 
     # --- batch 1: growing context, exact, strided ---------------------------------------------
     n, mark, long = suite.gen_steps, suite.gen_mark, suite.strided_steps
-    marks = tuple(sorted({mark, min(c, n)}))
+    nb = suite.notebook_steps or n  # the notebook loop's measured length
+    marks = tuple(sorted({mark, min(c, nb)}))
     g = _Group(models, suite, limits)
-    g.cases[NOTEBOOK] = _notebook_case(models, 1, n, marks)
-    tuned = _tuned_variants(suite, 1, generators)
+    g.cases[NOTEBOOK] = _notebook_case(models, 1, nb, marks)
+    progress and progress("probing torch thread counts (batch 1)")
+    tuned, probe = _tuned_variants(models, suite, 1, n, generators)
+    g.extra = {"threads": probe["chosen"], "thread_probe": probe}
     for v in tuned:
         g.cases[v.name()] = _tuned_case(models, v, 1, n, marks, None)
         g.cases[v.name(True)] = _tuned_case(models, v, 1, long, (), keep)
@@ -206,7 +216,14 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
 
     jax_ttfc = g.median("jax ttfc")
     rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, mark, key=f"t{mark}"))
-    rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, n))
+    nb_key = "seconds"
+    if nb < n:
+        nb_key = f"t{n}_extrapolated"
+        _extrapolate(g.measured[NOTEBOOK].runs, nb, c, n, nb_key)
+        rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, n, key=nb_key, extrapolated=True,
+                          extrapolated_from=f"{nb} measured characters (window full after {c})"))
+    else:
+        rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, n))
     for v in tuned:
         rows.append(g.row(v.name(), v.name(), 1, mark, key=f"t{mark}"))
         rows.append(g.row(v.name(), v.name(), 1, n))
@@ -214,11 +231,11 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
     rows.append(g.row("jax mark", JAX_EXACT, 1, mark, ttfc_s=jax_ttfc))
     rows.append(g.row(JAX_EXACT, JAX_EXACT, 1, n, ttfc_s=jax_ttfc))
     rows.append(g.row(JAX_STRIDED, JAX_STRIDED, 1, long, keep=keep, stride=stride, ttfc_s=jax_ttfc))
-    if n > c:
+    if nb > c:
         ext = f"t{long}_extrapolated"
-        _extrapolate(g.measured[NOTEBOOK].runs, n, c, long, ext)
+        _extrapolate(g.measured[NOTEBOOK].runs, nb, c, long, ext)
         rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, long, key=ext, extrapolated=True,
-                          extrapolated_from=f"{n} measured characters (window full after {c})"))
+                          extrapolated_from=f"{nb} measured characters (window full after {c})"))
         ratios[f"gen_b1_{long}_strided_vs_notebook"] = g.ratio(
             NOTEBOOK, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs the notebook loop (extrapolated)", ext)
     best = g.fastest([v.name() for v in tuned], f"t{mark}")
@@ -226,7 +243,8 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         NOTEBOOK, "jax mark", f"batch 1, first {mark} chars (growing context): jaxgpt exact vs the notebook loop",
         f"t{mark}")
     ratios[f"gen_b1_{n}_exact_vs_notebook"] = g.ratio(
-        NOTEBOOK, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs the notebook loop")
+        NOTEBOOK, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs the notebook loop"
+        + (" (extrapolated)" if nb < n else ""), nb_key)
     ratios[f"gen_b1_{mark}_exact_vs_tuned"] = g.ratio(
         best, "jax mark", f"batch 1, first {mark} chars: jaxgpt exact vs {best}", f"t{mark}")
     best = g.fastest([v.name() for v in tuned])
@@ -243,7 +261,9 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         g = _Group(models, suite, limits)
         marks = (min(c, steps),)
         overflow = steps > c  # strided differs from exact only once the window overflows
-        tuned = _tuned_variants(suite, batch, generators)
+        progress and progress(f"probing torch thread counts (batch {batch})")
+        tuned, probe = _tuned_variants(models, suite, batch, steps, generators)
+        g.extra = {"threads": probe["chosen"], "thread_probe": probe}
         g.cases[NOTEBOOK] = _notebook_case(models, batch, steps, marks)
         for v in tuned:
             g.cases[v.name()] = _tuned_case(models, v, batch, steps, marks, None)

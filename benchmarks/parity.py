@@ -32,6 +32,7 @@ def run(models, suite, limits=None, progress=None) -> dict:
     import torch
     from flax import nnx
 
+    from benchmarks.torch_tuned import probe_threads, torch_threads
     from jaxgpt.generate import default_stride, generate_tokens
     from jaxgpt.sampling import sampling_uniforms
     from porting.torch_reference import inverse_cdf_generate
@@ -56,11 +57,15 @@ def run(models, suite, limits=None, progress=None) -> dict:
                      "mean_abs_diff": total / suite.parity_inputs}
 
     seed_context = np.zeros((1, 1), np.int64)
-    say(f"parity: greedy {suite.greedy_tokens} tokens (reference loop)")
+    # The long reference loops run at the thread count that is fastest here (numerics are the
+    # same model's; only the wall time changes).
+    threads, _ = probe_threads(models.tuned, 1, suite.torch_threads, c, c, device=dev)
+    say(f"parity: greedy {suite.greedy_tokens} tokens (reference loop, {threads} torch threads)")
     n = suite.greedy_tokens
     jx = generate_tokens(models.jax, seed_context, n, temperature=0)
-    th = inverse_cdf_generate(models.reference, torch.from_numpy(seed_context).to(dev), torch.zeros(1, n), c,
-                              temperature=0).cpu().numpy()
+    with torch_threads(threads):
+        th = inverse_cdf_generate(models.reference, torch.from_numpy(seed_context).to(dev), torch.zeros(1, n), c,
+                                  temperature=0).cpu().numpy()
     out["greedy"] = _agreement(jx, th)
 
     say(f"parity: sampled {suite.sampled_rows}x{suite.sampled_tokens} tokens (reference loop)")
@@ -68,7 +73,8 @@ def run(models, suite, limits=None, progress=None) -> dict:
     context = np.zeros((rows, 1), np.int64)
     uniforms = sampling_uniforms(7, rows, n)
     jx = generate_tokens(models.jax, context, n, seed=7)
-    th = inverse_cdf_generate(models.reference, torch.from_numpy(context).to(dev), torch.tensor(uniforms), c)
+    with torch_threads(threads):
+        th = inverse_cdf_generate(models.reference, torch.from_numpy(context).to(dev), torch.tensor(uniforms), c)
     out["sampled"] = {**_agreement(jx, th.cpu().numpy()), "rows": rows, "seed": 7, "temperature": 1.0}
 
     say("parity: strided (tuned torch twin)")
@@ -78,7 +84,8 @@ def run(models, suite, limits=None, progress=None) -> dict:
     n = suite.greedy_tokens
     uniforms = sampling_uniforms(11, 1, n)
     jx = generate_tokens(models.jax, seed_context, n, seed=11, mode="strided", stride=stride)
-    th = TunedGenerator(models.tuned).generate(torch.from_numpy(seed_context).to(dev), n, keep=c + 1 - stride,
-                                               uniforms=torch.tensor(uniforms))
+    with torch_threads(threads):
+        th = TunedGenerator(models.tuned).generate(torch.from_numpy(seed_context).to(dev), n, keep=c + 1 - stride,
+                                                   uniforms=torch.tensor(uniforms))
     out["strided_vs_tuned_twin"] = {**_agreement(jx, th.cpu().numpy()), "stride": stride, "seed": 11}
     return out

@@ -29,8 +29,12 @@ class SuiteConfig:
       batch_steps: (batch, characters per row) of the batched generations.
       compile_torch_batches: batches at which the torch.compile'd tuned baseline is also run
         (each new shape costs a compilation of a minute or more on a small CPU).
-      torch_threads: extra intra-op thread counts at which the eager tuned baseline also runs
-        (torch's default is always run; the fastest variant is the baseline of each ratio).
+      torch_threads: intra-op thread counts, besides torch's default, that a short probe tries
+        for the tuned baseline (per batch size); the tuned baseline runs at the fastest one
+        and the probe's figures are reported. The notebook loop keeps torch's default.
+      notebook_steps: characters the batch-1 notebook loop really runs (None: gen_steps); fewer
+        means its longer times are extrapolated (constant cost per step once the window is
+        full) and marked so.
       forward_shapes: (B, T) of the forward-logits benchmark.
       compile_forward: also time the torch.compile'd tuned forward.
       train_quick: passed to `benchmarks.train_step.run`.
@@ -52,6 +56,7 @@ class SuiteConfig:
     batch_steps: tuple[tuple[int, int], ...] = ((8, 400), (64, 160))
     compile_torch_batches: tuple[int, ...] = (1, 8, 64)
     torch_threads: tuple[int, ...] = (1,)
+    notebook_steps: int | None = None
     forward_shapes: tuple[tuple[int, int], ...] = ((1, 128), (64, 128))
     compile_forward: bool = True
     train_quick: bool = False
@@ -71,6 +76,9 @@ class SuiteConfig:
             raise ValueError(f"unknown benchmark groups {sorted(unknown)}; choose from {GROUPS}")
         if not 1 <= self.gen_mark <= self.gen_steps:
             raise ValueError(f"gen_mark ({self.gen_mark}) must be in 1..gen_steps ({self.gen_steps})")
+        if self.notebook_steps is not None and not self.model.context_length < self.notebook_steps <= self.gen_steps:
+            raise ValueError("notebook_steps must exceed context_length (to measure full-window steps) "
+                             "and be at most gen_steps")
         if self.reps < 1 or self.warmup < 0:
             raise ValueError("reps must be >= 1 and warmup >= 0")
 
@@ -82,6 +90,7 @@ FULL = SuiteConfig()
 
 QUICK = SuiteConfig(
     reps=3,
+    notebook_steps=160,
     batch_steps=((8, 160), (64, 32)),
     compile_torch_batches=(1,),
     compile_forward=False,

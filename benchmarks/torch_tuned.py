@@ -268,4 +268,40 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-__all__ = ["TunedGPT", "TunedGenerator", "torch_threads"]
+def probe_threads(model: TunedGPT, batch: int, candidates, cached_steps: int, window_steps: int,
+                  rounds: int = 3, device: str = "cpu") -> tuple[int, dict]:
+    """Picks the intra-op thread count a careful torch user would pick on this machine.
+
+    Times one window forward `(B, C)` and one cached step at each thread count (the default
+    and `candidates`, interleaved, best of `rounds`) and scores each count by the cost of a
+    run of `cached_steps` cached and `window_steps` window steps.
+
+    Returns:
+      (best thread count, {threads: {"window_s", "step_s", "score_s"}}).
+    """
+    import time
+
+    c = model.config.context_length
+    counts = [torch.get_num_threads()] + [n for n in candidates if n != torch.get_num_threads()]
+    tokens = torch.zeros((batch, c), dtype=torch.long, device=device)
+    token = tokens[:, :1]
+    pos = torch.tensor([c // 2], device=device)
+    caches = model.new_caches(batch, device)
+    best = {n: {"window_s": float("inf"), "step_s": float("inf")} for n in counts}
+    with torch.inference_mode():
+        for _ in range(rounds + 1):  # the first round warms up
+            for n in counts:
+                with torch_threads(n):
+                    begin = time.perf_counter()
+                    model.window_last(tokens).cpu()
+                    mid = time.perf_counter()
+                    model.step(token, pos, caches).cpu()
+                    end = time.perf_counter()
+                best[n]["window_s"] = min(best[n]["window_s"], mid - begin)
+                best[n]["step_s"] = min(best[n]["step_s"], end - mid)
+    for n in counts:
+        best[n]["score_s"] = cached_steps * best[n]["step_s"] + window_steps * best[n]["window_s"]
+    return min(counts, key=lambda n: best[n]["score_s"]), best
+
+
+__all__ = ["TunedGPT", "TunedGenerator", "torch_threads", "probe_threads"]
