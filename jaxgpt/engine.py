@@ -1,0 +1,125 @@
+"""The compiled generation loop: prefill into a KV cache, then one token per step.
+
+Token stream S = prompt + generated, kept left-aligned in one fixed-size int32 buffer
+`(B, stream_len)`; step j (absolute, 0-based) appends S[p + j] where p is the prompt length.
+The KV cache holds the keys/values of S[base], S[base + 1], ... at cache positions 0, 1, ...
+
+* Prefill (`start`): the prompt, padded to its bucket, goes through the model once and fills
+  cache positions 0..bucket-1. Pad positions hold junk, but a query at position q only sees
+  positions <= q, and every position < the current length has been rewritten by a real
+  token before it is seen (decoding writes S[L-1] at position L-1 first, then attends).
+* Step j with current length L = p + j (`advance`):
+  - L - base <= C: decode S[L-1] alone at cache position L-1-base, attending to the cache.
+  - L - base > C (the window would overflow): drop the oldest tokens, keeping the last `keep`
+    (S[L-keep:L]), and re-encode them at positions 0..keep-1 with one forward pass that also
+    refills the cache (base = L - keep); only the last position is projected to logits.
+  `keep = C` is the notebook's exact loop: once the window is full every step re-encodes the
+  last C tokens at positions 0..C-1 (learned absolute positions shift, so no cache reuse is
+  possible). `keep = C + 1 - stride` is strided mode: after a refill, `stride - 1` cheap
+  cached steps follow before the next refill.
+* The next token is `sampling.sample(logits, u, params)` with u from (seed, row, j) only.
+
+Both functions take the model's `graphdef` as a static argument and its parameters `state`
+as traced arrays; the sampling parameters, the seed keys, the prompt length and the step
+range are traced too. A compilation happens once per distinct
+  - graphdef (model configuration and variant) and parameter dtype,
+  - batch size B,
+  - prompt bucket (`start`) and stream length (`advance`; generate.py makes it
+    max(C, prompt bucket + num_new bucket)),
+  - `keep` (mode and stride),
+and never for a new seed, temperature, top_k, top_p, prompt content, prompt length within its
+bucket, num_new within its bucket, or chunking. `TRACE_COUNTS` counts traces (one per
+compilation) so tests can prove it.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgpt.model import KVCache, init_cache
+from jaxgpt.sampling import SamplingParams, sample, step_uniforms
+
+TRACE_COUNTS: collections.Counter = collections.Counter()
+"""Number of times `start` / `advance` were traced, i.e. compiled, in this process."""
+
+
+class Carry(NamedTuple):
+    """Generation state between compiled chunks.
+
+    Attributes:
+      stream: int32 `(B, stream_len)`; prompt at 0..p-1, step j's token at p + j.
+      cache: KV cache `(B, C, H, K)` per block; position q holds S[base + q].
+      base: int32 `()` stream index of cache position 0.
+    """
+
+    stream: jax.Array
+    cache: KVCache
+    base: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array) -> KVCache:
+    """Prefills a KV cache with a padded prompt at positions 0..P-1.
+
+    Args:
+      graphdef, state: `nnx.split(model)` of a GPT in eval mode.
+      prompt: int32 `(B, P)`, the prompt left-aligned and padded to its bucket (P <= C).
+
+    Returns:
+      The KV cache; with the stream (the padded prompt at its head) and base 0 it makes the
+      initial `Carry`.
+    """
+    TRACE_COUNTS["start"] += 1
+    model = nnx.merge(graphdef, state)
+    cache = init_cache(model.config, prompt.shape[0], dtype=model.token_embedding.embedding.dtype)
+    _, cache = model.forward(prompt, cache, 0, last_only=True)  # logits unused: XLA drops them
+    return cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "keep"), donate_argnames=("carry",))
+def advance(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, prompt_len: jax.Array,
+            first: jax.Array, last: jax.Array, keys: jax.Array, params: SamplingParams, *, keep: int) -> Carry:
+    """Runs steps first..last-1 (absolute step indices, traced) in one `lax` loop.
+
+    Args:
+      graphdef, state: `nnx.split(model)` of a GPT in eval mode.
+      carry: state after step first-1 (from `start` or a previous `advance`); donated.
+      prompt_len: int32 `()` true prompt length p (1..C).
+      first, last: int32 `()` step range.
+      keys: `(B,)` per-row keys (`sampling.row_keys`); step j's uniform is fold_in(key, j).
+      params: traced `SamplingParams`.
+      keep: tokens kept when the window overflows: C (exact) or C + 1 - stride (strided).
+
+    Returns:
+      The `Carry` after step last-1; tokens at stream[:, p + first : p + last].
+    """
+    TRACE_COUNTS["advance"] += 1
+    model = nnx.merge(graphdef, state)
+    window = model.config.context_length
+
+    def decode(stream, cache, base, length):
+        token = jax.lax.dynamic_slice_in_dim(stream, length - 1, 1, axis=1)  # (B, 1)
+        logits, cache = model.forward(token, cache, length - 1 - base)
+        return logits[:, -1], cache, base
+
+    def refill(stream, cache, base, length):
+        base = length - keep
+        context = jax.lax.dynamic_slice_in_dim(stream, base, keep, axis=1)  # (B, keep)
+        logits, cache = model.forward(context, cache, 0, last_only=True)
+        return logits[:, -1], cache, base
+
+    def step(j, carry: Carry) -> Carry:
+        stream, cache, base = carry
+        length = prompt_len + j  # tokens in the stream before this step
+        logits, cache, base = jax.lax.cond(length - base > window, refill, decode, stream, cache, base, length)
+        token = sample(logits, step_uniforms(keys, j), params)  # (B,)
+        stream = jax.lax.dynamic_update_slice_in_dim(stream, token[:, None], length, axis=1)
+        return Carry(stream, cache, base)
+
+    return jax.lax.fori_loop(first, last, step, carry)

@@ -1,0 +1,253 @@
+"""Text generation with the notebook's semantics, compiled: `generate`, `generate_tokens`, streaming.
+
+    model = porting.load_weights("weights.pt")
+    print(jaxgpt.generate(model, "ROMEO:", 500, seed=1, temperature=0.8, top_p=0.95))
+
+Modes:
+  "exact" (default): the notebook's loop. The context grows from the prompt (or the seed
+    token, newline, for an empty prompt) and is cropped to its last C = context_length
+    tokens; each token is drawn from the model's prediction at the last position. While the
+    context fits, tokens are decoded one at a time from a KV cache; once it is full every step
+    re-encodes the last C tokens at positions 0..C-1 with a full forward pass, as the
+    notebook does (learned absolute positions shift, so nothing can be reused).
+  "strided" (opt-in): when the window is full, the oldest `stride` tokens are dropped at once
+    and the remaining C + 1 - stride are re-encoded at positions 0..C-stride in one pass that
+    refills the cache; the next stride - 1 tokens are decoded from the cache. Each token then
+    conditions on between C + 1 - stride and C previous tokens instead of exactly C (exact
+    mode is the special case stride = 1), so the text differs from the notebook's once the
+    window is full, and its per-character loss is slightly worse; in exchange only one step
+    in `stride` pays for a full forward pass. The default stride is C // 2.
+    benchmarks/results/strided_quality.md records the measured loss and speed per stride.
+    (The lead's brief kept C - stride tokens; keeping C + 1 - stride instead makes stride = 1
+    identical to exact mode, which the tests use as a check.)
+
+Randomness: the uniform of row r at step j comes from fold_in(fold_in(key(seed), r), j) only,
+so rows are independent, a row's text does not depend on the batch size or on chunking, and
+`sampling.sampling_uniforms` gives the same numbers to a torch loop (see sampling.py for the
+sampling rule). The model's own numerics follow the reference to ~1e-6, so a torch loop fed
+these uniforms produces the same tokens (tests/test_sampling_parity.py).
+
+Compilation (see engine.py): once per model configuration/dtype, batch size, prompt bucket
+(powers of two from 16, capped at C), num_new bucket (powers of two from 64) and mode/stride.
+Changing the seed, temperature, top_k, top_p, prompt content, prompt length within its bucket,
+num_new within its bucket, or the chunk size never recompiles.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgpt import engine
+from jaxgpt.sampling import make_params, row_keys
+from jaxgpt.vocab import Vocab, default_vocab
+
+MODES = ("exact", "strided")
+MIN_PROMPT_BUCKET = 16
+MIN_STEPS_BUCKET = 64
+_MAX_SEED = 2**32
+
+
+def bucket(n: int, minimum: int, cap: int | None = None) -> int:
+    """The smallest power of two >= max(n, minimum), at most `cap`."""
+    size = max(minimum, 1 << max(n - 1, 0).bit_length())
+    return size if cap is None else min(size, cap)
+
+
+def default_stride(context_length: int) -> int:
+    return max(context_length // 2, 1)
+
+
+def _as_model(model):
+    """A GPT in eval mode; a path is loaded with porting.load_weights."""
+    if isinstance(model, (str, os.PathLike)):
+        from porting import load_weights
+
+        return load_weights(model)
+    if not hasattr(model, "config") or not hasattr(model, "forward"):
+        raise TypeError(f"model must be a jaxgpt.GPT or a checkpoint path, got {type(model).__name__}")
+    if model.training:
+        raise ValueError("the model is in training mode (dropout on): call model.eval() before generating")
+    return model
+
+
+def _check_context(context, vocab_size: int) -> np.ndarray:
+    context = np.asarray(context)
+    if context.ndim != 2:
+        raise ValueError(f"context must have shape (batch, length), got {context.shape}")
+    if context.shape[0] < 1:
+        raise ValueError("context must have at least one row (batch >= 1)")
+    if context.size and not np.issubdtype(context.dtype, np.integer):
+        raise ValueError(f"context must hold integer token ids, got dtype {context.dtype}")
+    if context.size and (context.min() < 0 or context.max() >= vocab_size):
+        bad = int(context.min()) if context.min() < 0 else int(context.max())
+        raise ValueError(f"context holds token id {bad}, outside the vocabulary 0..{vocab_size - 1}")
+    return context.astype(np.int32)
+
+
+def _check_run(num_new, seed, mode, stride, chunk_size, context_length: int) -> int:
+    """Validates the run options; returns `keep` for the engine."""
+    if isinstance(num_new, bool) or not isinstance(num_new, (int, np.integer)) or num_new < 1:
+        raise ValueError(f"the number of new tokens must be a positive integer, got {num_new!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "exact":
+        if stride is not None:
+            raise ValueError("stride applies to mode='strided' only")
+        return context_length
+    stride = default_stride(context_length) if stride is None else stride
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride <= context_length:
+        raise ValueError(f"stride must be an integer in 1..context_length={context_length}, got {stride!r}")
+    return context_length + 1 - int(stride)
+
+
+def stream_tokens(model, context, num_new: int, *, seed: int = 0, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, mode: str = "exact",
+                  stride: int | None = None, chunk_size: int | None = None) -> Iterator[np.ndarray]:
+    """Generates tokens chunk by chunk; the concatenated chunks equal `generate_tokens`.
+
+    Args:
+      model: a `jaxgpt.GPT` in eval mode, or a checkpoint path (`porting.load_weights`).
+      context: int `(B, T)` prompt token ids, one prompt per row; T = 0 means the notebook's
+        seed token (id 0, newline), which is not part of the output; T > C keeps the last C.
+      num_new: tokens to generate per row (>= 1).
+      seed: integer in [0, 2**32); row r at step j draws from fold_in(fold_in(key(seed), r), j).
+      temperature: >= 0; 0 is greedy.
+      top_k: keep the logits >= the k-th largest (ties kept); 1 is greedy; None keeps all.
+      top_p: nucleus mass in (0, 1]; None (or 1) keeps all.
+      mode: "exact" (the notebook's loop) or "strided" (see the module docstring).
+      stride: tokens dropped at once when the window is full, 1..C (strided only; default C // 2).
+      chunk_size: tokens per yielded chunk (default: everything in one chunk). Chunks run as
+        separate calls of the same compiled loop, so this never changes the tokens.
+
+    Yields:
+      int32 numpy arrays `(B, n)`, n = chunk_size except possibly for the last chunk.
+
+    Raises:
+      ValueError: bad context shape/ids, num_new, seed, sampling or mode options (checked
+        before anything runs).
+    """
+    model = _as_model(model)
+    config = model.config
+    context = _check_context(context, config.vocab_size)
+    keep = _check_run(num_new, seed, mode, stride, chunk_size, config.context_length)
+    params = make_params(temperature, top_k, top_p, vocab_size=config.vocab_size)
+    return _run(model, context, int(num_new), int(seed), params, keep, int(chunk_size or num_new))
+
+
+def _run(model, context, num_new, seed, params, keep, chunk_size) -> Iterator[np.ndarray]:
+    config = model.config
+    batch = context.shape[0]
+    if context.shape[1] == 0:
+        context = np.zeros((batch, 1), np.int32)  # the notebook's seed context [[0]]
+    context = context[:, -config.context_length :]  # the notebook's crop
+    p = context.shape[1]
+    prompt_bucket = bucket(p, MIN_PROMPT_BUCKET, config.context_length)
+    # At least C: the refill branch slices `keep` <= C tokens (traced even when never taken).
+    stream_len = max(prompt_bucket + bucket(num_new, MIN_STEPS_BUCKET), config.context_length)
+    stream = np.zeros((batch, stream_len), np.int32)
+    stream[:, :p] = context
+
+    graphdef, state = nnx.split(model)
+    keys = row_keys(seed, batch)
+    cache = engine.start(graphdef, state, jnp.asarray(stream[:, :prompt_bucket]))
+    carry = engine.Carry(jnp.asarray(stream), cache, jnp.zeros((), jnp.int32))
+    prompt_len = jnp.asarray(p, jnp.int32)
+    for first in range(0, num_new, chunk_size):
+        last = min(first + chunk_size, num_new)
+        carry = engine.advance(graphdef, state, carry, prompt_len, jnp.asarray(first, jnp.int32),
+                               jnp.asarray(last, jnp.int32), keys, params, keep=keep)
+        # Copy out now: the next advance donates (reuses) the buffer.
+        yield np.array(np.asarray(carry.stream)[:, p + first : p + last])
+
+
+def generate_tokens(model, context, num_new: int, *, seed: int = 0, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, mode: str = "exact",
+                    stride: int | None = None) -> np.ndarray:
+    """Continues each row of `context` by `num_new` tokens, as the notebook's loop would.
+
+    Args: as `stream_tokens` (without chunking).
+
+    Returns:
+      int32 numpy array `(B, num_new)`: the generated tokens only.
+    """
+    chunks = stream_tokens(model, context, num_new, seed=seed, temperature=temperature, top_k=top_k,
+                           top_p=top_p, mode=mode, stride=stride)
+    return np.concatenate(list(chunks), axis=1)
+
+
+def _vocab_for(model, vocab: Vocab | str | os.PathLike | None) -> Vocab:
+    if vocab is None:
+        vocab = default_vocab()
+    elif not isinstance(vocab, Vocab):
+        vocab = Vocab.load(vocab)
+    if vocab.size != model.config.vocab_size:
+        raise ValueError(f"the vocabulary has {vocab.size} characters but the model's vocab_size is "
+                         f"{model.config.vocab_size}: pass the checkpoint's vocabulary JSON")
+    return vocab
+
+
+def stream_text(model, prompt: str | Sequence[str] = "", num_chars: int = 500, *, batch: int = 1,
+                vocab: Vocab | str | os.PathLike | None = None, chunk_size: int | None = None,
+                **options) -> Iterator[list[str]]:
+    """Generates text chunk by chunk: yields, per chunk, one string per sample.
+
+    Args:
+      model: a `jaxgpt.GPT` in eval mode, or a checkpoint path.
+      prompt: the text to continue (all characters must be in the vocabulary); "" starts from
+        the notebook's seed token (newline). A list gives one prompt per row; they must have
+        the same length (the stream is one (B, T) array).
+      num_chars: characters to generate per sample (the prompt is not repeated).
+      batch: number of samples for a single prompt string (rows are independent draws).
+      vocab: a `Vocab` or a vocabulary JSON path; default: the published 104-character map.
+      chunk_size: characters per yielded chunk (default: all at once).
+      **options: seed, temperature, top_k, top_p, mode, stride, as in `stream_tokens`.
+
+    Yields:
+      lists of B strings.
+    """
+    model = _as_model(model)
+    vocab = _vocab_for(model, vocab)
+    prompts = [prompt] * _check_batch(batch) if isinstance(prompt, str) else list(prompt)
+    if not prompts or len({len(p) for p in prompts}) != 1:
+        raise ValueError("prompts must be a non-empty list of strings of equal length")
+    context = np.stack([vocab.encode(p) for p in prompts]).reshape(len(prompts), len(prompts[0]))
+    chunks = stream_tokens(model, context, num_chars, chunk_size=chunk_size, **options)  # validates now
+    return ([vocab.decode(row) for row in chunk] for chunk in chunks)
+
+
+def _check_batch(batch) -> int:
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    return int(batch)
+
+
+def generate(model, prompt: str = "", num_chars: int = 500, *,
+             vocab: Vocab | str | os.PathLike | None = None, **options) -> str:
+    """Continues `prompt` by `num_chars` characters, as the notebook's loop would.
+
+    Args:
+      model: a `jaxgpt.GPT` in eval mode, or a checkpoint path.
+      prompt: text to continue; "" starts from the notebook's seed token (newline).
+      num_chars: characters to generate (>= 1); the prompt is not repeated.
+      vocab: a `Vocab` or vocabulary JSON path; default: the published 104-character map.
+      **options: seed, temperature, top_k, top_p, mode, stride, as in `stream_tokens`.
+
+    Returns:
+      The generated characters.
+
+    Raises:
+      VocabError: a prompt character outside the vocabulary.
+      ValueError: bad options, or a vocabulary whose size differs from the model's.
+    """
+    return "".join(chunk[0] for chunk in stream_text(model, prompt, num_chars, vocab=vocab, **options))
