@@ -1,0 +1,173 @@
+"""jaxgpt.GPT itself: exact values on tiny hand-built parameters, causality, determinism, dropout."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgpt import GPTConfig, init_cache
+from porting import keymap, model_from_params
+from tests.porting_helpers import jitted_logits
+
+EPS = 1e-5  # torch.nn.LayerNorm's default
+
+
+def zero_params(config: GPTConfig) -> dict[str, np.ndarray]:
+    params = {k: np.zeros(s, np.float32) for k, s in keymap.layout(config, "flax").items()}
+    for k in params:
+        if k.endswith(".scale"):
+            params[k][:] = 1.0
+    return params
+
+
+def random_params(config: GPTConfig, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(1.0 if k.endswith(".scale") else 0.0, 0.5, s).astype(np.float32)
+            for k, s in keymap.layout(config, "flax").items()}
+
+
+# ----------------------------------------------------------------------------- exact values
+def test_logits_by_hand_with_silent_blocks():
+    """qkv, MLP kernels zero: x = tok + pos + out_bias + down_bias; the rest is one LayerNorm.
+
+    With D = 2, LayerNorm([a, b]) = [n, -n] with n = ((a - b) / 2) / sqrt(((a - b) / 2)^2 + eps),
+    so with kernel [[1, 0, 2], [0, 1, -1]] and bias [0, 0.25, 0] the logits are [n, 0.25 - n, 3n].
+    """
+    config = GPTConfig(vocab_size=3, context_length=4, model_dim=2, num_blocks=1, num_heads=1)
+    p = zero_params(config)
+    p["token_embedding.embedding"][:] = [[1, -1], [2, 0], [0, 0]]
+    p["pos_embedding.embedding"][:] = [[0, 0], [0, 1], [0, 2], [0, 3]]
+    p["blocks.0.attention.out_bias"][:] = [0.5, -0.5]  # cancels the MLP's output bias
+    p["blocks.0.mlp.down.bias"][:] = [-0.5, 0.5]
+    p["blocks.0.mlp.up.bias"][:] = 7.0  # relu(7) times a zero kernel: no effect
+    p["vocab_projection.kernel"][:] = [[1, 0, 2], [0, 1, -1]]
+    p["vocab_projection.bias"][:] = [0, 0.25, 0]
+    logits = jitted_logits(model_from_params(p, config))(np.array([[0, 1, 2]]))
+
+    def n(a, b):
+        return ((a - b) / 2) / math.sqrt(((a - b) / 2) ** 2 + EPS)
+
+    expected = [[n(a, b), 0.25 - n(a, b), 3 * n(a, b)] for a, b in ([1, -1], [2, 1], [0, 2])]
+    np.testing.assert_allclose(logits[0], expected, rtol=0, atol=1e-6)
+
+
+def test_uniform_attention_averages_values_by_hand():
+    """Zero queries: every position attends uniformly to itself and the positions before it."""
+    config = GPTConfig(vocab_size=2, context_length=3, model_dim=2, num_blocks=1, num_heads=1)
+    p = zero_params(config)
+    p["token_embedding.embedding"][:] = [[3, 1], [0, 4]]
+    p["blocks.0.attention.qkv"][:, 2, 0, :] = np.eye(2)  # values = LayerNorm(x), queries = keys = 0
+    p["blocks.0.attention.out_kernel"][0] = np.eye(2)
+    p["vocab_projection.kernel"][:] = np.eye(2)
+    logits = jitted_logits(model_from_params(p, config))(np.array([[0, 1, 0]]))
+    ln = lambda v: (v - v.mean()) / math.sqrt(((v - v.mean()) ** 2).mean() + EPS)
+    x = np.array([[3.0, 1.0], [0.0, 4.0], [3.0, 1.0]])
+    values = np.stack([ln(v) for v in x])  # [c, -c], [-c', c'], [c, -c]
+    mixed = x + np.stack([values[: t + 1].mean(0) for t in range(3)])
+    np.testing.assert_allclose(logits[0], np.stack([ln(v) for v in mixed]), rtol=0, atol=1e-6)
+
+
+def numpy_forward(p: dict[str, np.ndarray], config: GPTConfig, tokens: np.ndarray) -> np.ndarray:
+    """The spec's forward pass, head by head, in float64 numpy."""
+    p = {k: v.astype(np.float64) for k, v in p.items()}
+    ln = lambda x, pre: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + EPS) * p[pre + ".scale"] + p[pre + ".bias"]
+    t = tokens.shape[1]
+    x = p["token_embedding.embedding"][tokens] + p["pos_embedding.embedding"][:t]
+    mask = np.tril(np.ones((t, t), bool))
+    for i in range(config.num_blocks):
+        b = f"blocks.{i}"
+        h = ln(x, b + ".norm1")
+        heads = []
+        for j in range(config.num_heads):
+            q, k, v = (h @ p[b + ".attention.qkv"][:, c, j, :] for c in range(3))
+            s = np.where(mask, q @ k.swapaxes(1, 2) / math.sqrt(config.head_size), -np.inf)
+            w = np.exp(s - s.max(-1, keepdims=True))
+            heads.append(w / w.sum(-1, keepdims=True) @ v)
+        a = np.concatenate(heads, -1)
+        if config.variant == "drake":
+            a = a @ p[b + ".attention.out_kernel"].reshape(config.model_dim, config.model_dim) + p[b + ".attention.out_bias"]
+        x = x + a
+        u = np.maximum(ln(x, b + ".norm2") @ p[b + ".mlp.up.kernel"] + p[b + ".mlp.up.bias"], 0)
+        x = x + u @ p[b + ".mlp.down.kernel"] + p[b + ".mlp.down.bias"]
+    return ln(x, "final_norm") @ p["vocab_projection.kernel"] + p["vocab_projection.bias"]
+
+
+@pytest.mark.parametrize("variant", ["drake", "learning"])
+def test_matches_a_head_by_head_numpy_forward(variant):
+    config = GPTConfig(vocab_size=5, context_length=6, model_dim=6, num_blocks=2, num_heads=3, variant=variant)
+    p = random_params(config, seed=1)
+    tokens = np.random.default_rng(1).integers(0, 5, size=(2, 6))
+    got = jitted_logits(model_from_params(p, config))(tokens)
+    np.testing.assert_allclose(got, numpy_forward(p, config, tokens), rtol=0, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- behaviour
+@pytest.mark.parametrize("variant", ["drake", "learning"])
+def test_causality(variant):
+    """Changing token p never changes the logits before p (bit for bit), and does change p's."""
+    config = GPTConfig(vocab_size=9, context_length=8, model_dim=12, num_blocks=2, num_heads=3, variant=variant)
+    logits_fn = jitted_logits(model_from_params(random_params(config, 2), config))
+    tokens = np.random.default_rng(2).integers(0, 9, size=(2, 8))
+    base = logits_fn(tokens)
+    for pos in range(8):
+        changed = tokens.copy()
+        changed[:, pos] = (changed[:, pos] + 1 + pos) % 9
+        out = logits_fn(changed)
+        np.testing.assert_array_equal(out[:, :pos], base[:, :pos])
+        assert np.abs(out[:, pos] - base[:, pos]).max() > 1e-3
+
+
+def test_eval_mode_is_deterministic_and_the_default():
+    config = GPTConfig(vocab_size=7, context_length=5, model_dim=8, num_blocks=1, num_heads=2)
+    model = model_from_params(random_params(config, 3), config)
+    assert not model.training
+    tokens = np.random.default_rng(3).integers(0, 7, size=(3, 5))
+    first = jitted_logits(model)(tokens)
+    np.testing.assert_array_equal(jitted_logits(model)(tokens), first)
+
+
+def train_logits(model):
+    """`(tokens, key) -> logits` of a model in training mode, compiled once."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, t, k: nnx.merge(graphdef, s)(t, rngs=k))
+    return lambda tokens, key: np.asarray(forward(state, tokens, key))
+
+
+@pytest.mark.parametrize("variant", ["drake", "learning"])
+def test_dropout_only_in_train_mode(variant):
+    config = GPTConfig(vocab_size=7, context_length=5, model_dim=8, num_blocks=2, num_heads=2, variant=variant)
+    model = model_from_params(random_params(config, 4), config)
+    tokens = np.random.default_rng(4).integers(0, 7, size=(2, 5))
+    eval_logits = jitted_logits(model)(tokens)
+    model.train()
+    assert model.training
+    with pytest.raises(ValueError, match="rngs"):
+        model(tokens)
+    train = train_logits(model)
+    a, b = train(tokens, jax.random.key(0)), train(tokens, jax.random.key(1))
+    assert np.abs(a - b).max() > 1e-3 and np.abs(a - eval_logits).max() > 1e-3
+    np.testing.assert_array_equal(train(tokens, jax.random.key(0)), a)
+    model.eval()
+    np.testing.assert_array_equal(jitted_logits(model)(tokens), eval_logits)
+    # With rate 0 the training forward is the eval forward.
+    quiet = model_from_params(random_params(config, 4), config.replace(dropout=0.0))
+    quiet.train()
+    np.testing.assert_allclose(train_logits(quiet)(tokens, jax.random.key(0)), eval_logits, rtol=0, atol=1e-6)
+
+
+def test_kv_cache_matches_the_full_forward():
+    config = GPTConfig(vocab_size=9, context_length=8, model_dim=12, num_blocks=2, num_heads=3)
+    model = model_from_params(random_params(config, 5), config)
+    tokens = np.random.default_rng(5).integers(0, 9, size=(2, 8))
+    full = jitted_logits(model)(tokens)
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda s, t, c, start: nnx.merge(graphdef, s).forward(t, c, start))
+    logits, cache = step(state, tokens[:, :3], init_cache(config, 2), 0)  # prefill 3 positions
+    np.testing.assert_allclose(np.asarray(logits), full[:, :3], rtol=0, atol=1e-5)
+    for t in range(3, 8):
+        logits, cache = step(state, tokens[:, t : t + 1], cache, t)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], rtol=0, atol=1e-5)
