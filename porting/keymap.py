@@ -238,7 +238,7 @@ def infer_config(state: Mapping[str, np.ndarray], scheme: str, variant: str, sou
         found["H"] = heads
     if blocks:
         found["N"] = blocks
-    if blocks > len(state) or found.get("H", 0) > len(state):
+    if blocks > len(state) or heads > len(state):
         # A complete checkpoint has several keys per block and per head.
         raise CheckpointError(source, f"block/head indices (up to {max(blocks, heads) - 1}) exceed the {len(state)} keys present")
     names = {"V": "vocab_size", "C": "context_length", "D": "model_dim", "N": "num_blocks", "H": "num_heads"}

@@ -14,7 +14,7 @@ let the file call any importable function, so this module unpickles it with an a
   that storage, bounds-checked before it is made, so views, transposes, slices with offsets
   and storages shared by several tensors come back exactly as `torch.load` gives them.
 * the only objects a `BUILD` opcode can reach are the stand-ins, whose `__setstate__`
-  accepts nothing but a state dict's `_metadata`.
+  accepts nothing but a state dict's `_metadata` (so a file cannot alter them for later loads).
 
 Supported storage dtypes: float32, float16, bfloat16 (via `ml_dtypes`), float64 and the
 integer/bool types. The older non-zip ("legacy") format is recognised and refused with a
@@ -144,11 +144,27 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
     return data
 
 
+class _Function:
+    """An allowed callable. A bare function would not do: `BUILD` could then rewrite its
+    `__dict__` or `__defaults__` and so change later loads in this process."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def __call__(self, *args):
+        return self._fn(*args)
+
+    def __setstate__(self, state):
+        raise _Refused("unexpected state for a function")
+
+
 _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"): _StateDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor_v2"): _Function(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_parameter"): _Function(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _Function(_rebuild_parameter),
     **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
 }
 

@@ -120,10 +120,17 @@ def test_out_of_bounds_view_is_refused(tmp_path):
 
 
 def test_object_state_cannot_be_injected(tmp_path):
-    """BUILD on the OrderedDict stand-in accepts only torch's `_metadata`."""
+    """BUILD on the allowed objects accepts only torch's `_metadata` on a state dict."""
     payload = b"\x80\x02ccollections\nOrderedDict\n)R}X\x09\x00\x00\x00__class__K\x01sb."
     hostile_archive(tmp_path / "build.pt", payload)
     assert "unexpected state for an OrderedDict" in load_error(tmp_path / "build.pt")
+    # (None, {"__defaults__": (1,)}) as slot state on the rebuild function itself.
+    payload = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__K\x01\x85s\x86b."
+    hostile_archive(tmp_path / "defaults.pt", payload)
+    assert "unexpected state for a function" in load_error(tmp_path / "defaults.pt")
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    np.testing.assert_array_equal(porting.read_state_dict(good)["w"], [1.0, 1.0])
 
 
 # ----------------------------------------------------------------------------- broken files
@@ -267,3 +274,9 @@ def test_not_an_orbax_directory_and_a_damaged_one(tmp_path, good):
             with open(os.path.join(root, f), "w") as fh:
                 fh.write("{broken")
     assert "corrupt orbax checkpoint" in load_error(tmp_path / "ckpt")
+
+
+def test_absurd_block_index(tmp_path, good):
+    _, state = good
+    torch.save(dict(state, **{"transformer_blocks.999999.layer_norm_one.bias": torch.zeros(24)}), tmp_path / "idx.pt")
+    assert "block/head indices (up to 999999) exceed the" in load_error(tmp_path / "idx.pt")

@@ -177,3 +177,14 @@ def test_output_directory_must_exist(tmp_path):
     os.mkdir(tmp_path / "taken")
     with pytest.raises(porting.CheckpointError, match="taken: cannot write a checkpoint directory: the path already exists"):
         porting.convert(tmp_path / "in.pt", tmp_path / "taken", "orbax")
+
+
+def test_many_heads_few_keys_in_flax_files(tmp_path):
+    """Flax files hold all heads in one kernel: 16 heads with only 15 keys is a valid model."""
+    config = dict(vocab_size=3, context_length=2, model_dim=16, num_blocks=1, num_heads=16)
+    reference = save_reference(tmp_path / "in.pt", "learning", seed=61, **config)
+    porting.convert(tmp_path / "in.pt", tmp_path / "heads.safetensors")
+    assert len(porting.read_state_dict(tmp_path / "heads.safetensors")) == 15
+    assert porting.read_checkpoint(tmp_path / "heads.safetensors").config == GPTConfig(**config, variant="learning")
+    porting.convert(tmp_path / "heads.safetensors", tmp_path / "back.pt")
+    assert_state_dicts_equal(torch.load(tmp_path / "back.pt", weights_only=True), reference.state_dict())
