@@ -145,8 +145,9 @@ def _notes(suite, torch_threads, load_start, load_end, rows) -> list[str]:
         "up to the first window step).",
         "Within a group every case runs once per round, in an order rotated each round, so background load falls "
         "on all sides alike; per-round ratios (min-max) show how stable each ratio is.",
-        f"torch intra-op threads: {torch_threads} by default (the notebook loop runs so); the tuned baseline "
-        "runs at the thread count a probe finds fastest (below). XLA CPU uses its default thread pool.",
+        f"torch intra-op threads: {torch_threads} by default; every torch implementation (the notebook's too) "
+        "runs at the thread count a short probe finds fastest for it on this machine (figures below; the "
+        "thread count is in each row's name or 'threads'). XLA CPU uses its default thread pool.",
         f"Machine load average (1 min) at start {load_start:.2f}, at end {load_end:.2f}: other processes were "
         "running; absolute figures move with them, ratios much less.",
         "All implementations use the same weights (one weights.pt): the notebook model, the tuned torch model "
@@ -159,12 +160,16 @@ def _notes(suite, torch_threads, load_start, load_end, rows) -> list[str]:
         "The notebook loop's long runs are extrapolated from its measured runs (constant cost per character once "
         "the window is full); such rows are marked extrapolated.",
     ]
-    probes = {r["batch"]: r["thread_probe"] for r in rows if "thread_probe" in r}
-    for batch, probe in sorted(probes.items()):
-        figures = "; ".join(f"{n} thread(s): window step {1e3 * v['window_s']:.1f} ms, cached step "
-                            f"{1e3 * v['step_s']:.2f} ms" for n, v in probe["candidates"].items())
-        notes.append(f"Tuned torch, batch {batch}: runs at {probe['chosen']} thread(s), the fastest in a probe "
-                     f"({figures}).")
+    seen = set()
+    for r in rows:
+        kind = "torch tuned" if "tuned" in r["impl"] else r["impl"].split(",")[0]
+        key = (r["name"].split(" ")[0], kind, r["batch"])
+        if "thread_probe" not in r or key in seen:
+            continue
+        seen.add(key)
+        figures = "; ".join(f"{n} thread(s): " + ", ".join(f"{k[:-2]} {1e3 * t:.2f} ms" for k, t in v.items())
+                            for n, v in r["thread_probe"].items())
+        notes.append(f"Thread probe, {key[0]} batch {key[2]}, {key[1]}: {figures}.")
     if compiled:
         firsts = ", ".join(f"{r['name']}: {r['first_run_s']:.0f} s" for r in compiled)
         notes.append(f"torch.compile (inductor, static shapes) first runs including compilation: {firsts}.")

@@ -3,8 +3,9 @@
 jaxgpt's forward is `jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))` with the
 parameters traced (as the engine and the training step do); the clock stops after
 `block_until_ready`. The torch models run under `inference_mode` (the reference under
-`no_grad`, as the notebook's code); the tuned one also at other thread counts and
-`torch.compile`d when asked; the fastest tuned variant is the ratio's baseline.
+`no_grad`, as the notebook's code), each at the thread count a probe finds fastest
+(`benchmarks.threads`); the tuned one also `torch.compile`d when asked; the fastest tuned
+variant is the ratio's baseline.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from benchmarks.harness import interleave, make_result, paired_ratio
 
 
 def _torch_case(fn, tokens, ctx_factory, threads=None):
-    from benchmarks.torch_tuned import torch_threads
+    from benchmarks.threads import torch_threads
 
     def case(warm: bool):
         with ctx_factory(), torch_threads(threads):
@@ -53,33 +54,41 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
     """
     import torch
 
+    from benchmarks.threads import probe_threads
+
     cfg = models.config
     compiled_forward = torch.compile(models.tuned, dynamic=False) if suite.compile_forward else None
     rows, ratios = [], {}
     rng = np.random.default_rng(0)
+    plural = lambda n: f"{n} thread{'s' if n > 1 else ''}"
     for batch, length in suite.forward_shapes:
         tokens_np = rng.integers(0, cfg.vocab_size, (batch, length)).astype(np.int32)
         tokens = torch.from_numpy(tokens_np.astype(np.int64)).to(models.torch_device)
+        nb_threads, nb_probe = probe_threads({"forward": (1, lambda: models.reference(tokens).cpu())},
+                                             suite.torch_threads)
+        tu_threads, tu_probe = probe_threads({"forward": (1, lambda: models.tuned(tokens).cpu())},
+                                             suite.torch_threads)
+        nb_name, tu_name = f"notebook model, {plural(nb_threads)}", f"torch tuned eager, {plural(tu_threads)}"
         cases = {
-            "notebook model": _torch_case(models.reference, tokens, torch.no_grad),
-            "torch tuned eager": _torch_case(models.tuned, tokens, torch.inference_mode),
+            nb_name: _torch_case(models.reference, tokens, torch.no_grad, nb_threads),
+            tu_name: _torch_case(models.tuned, tokens, torch.inference_mode, tu_threads),
             "jaxgpt": _jax_case(models.jax, tokens_np),
         }
-        for n in suite.torch_threads:
-            if n != torch.get_num_threads():
-                cases[f"torch tuned eager, {n} thread{'s' if n > 1 else ''}"] = _torch_case(
-                    models.tuned, tokens, torch.inference_mode, n)
         if compiled_forward is not None:
-            cases["torch tuned compiled"] = _torch_case(compiled_forward, tokens, torch.inference_mode)
+            cases[f"torch tuned compiled, {plural(tu_threads)}"] = _torch_case(
+                compiled_forward, tokens, torch.inference_mode, tu_threads)
+        probes = {nb_name: nb_probe, tu_name: tu_probe}
         measured = interleave(cases, suite.reps, suite.warmup, progress)
         flops = roofline.flops_forward(cfg, batch, length)
         for impl, m in measured.items():
             row = make_result(f"forward b{batch} t{length}", "jax" if impl == "jaxgpt" else "torch", impl,
                               batch, length, m)
+            if impl in probes:
+                row["thread_probe"] = {str(n): v for n, v in probes[impl].items()}
             rows.append(roofline.annotate(row, flops, roofline.weight_bytes(cfg), limits))
-        torch_impls = [k for k in measured if k != "jaxgpt"]
-        best = min(torch_impls[1:], key=lambda k: np.median([r["seconds"] for r in measured[k].runs]))
-        for slow, label in (("notebook model", "notebook"), (best, "tuned")):
+        tuned = [k for k in measured if k.startswith("torch tuned")]
+        best = min(tuned, key=lambda k: np.median([r["seconds"] for r in measured[k].runs]))
+        for slow, label in ((nb_name, "notebook"), (best, "tuned")):
             ratios[f"forward_b{batch}_t{length}_vs_{label}"] = {
                 "what": f"forward logits ({batch}, {length}): jaxgpt vs {slow}",
                 **paired_ratio(measured[slow].runs, measured["jaxgpt"].runs),

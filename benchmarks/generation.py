@@ -6,10 +6,9 @@ growing-context mark and the moment the window fills); jaxgpt runs one compiled 
 length (`generate_tokens(num_new=1)` is its time to first character: prefill + one step +
 host round trip, warm).
 
-The tuned torch baseline runs at the intra-op thread count a short probe finds fastest for
-each batch size (`torch_tuned.probe_threads`; on a small busy CPU one thread can be several
-times faster than torch's default for these small matmuls); the probe's figures go into the
-rows. The notebook loop runs at torch's default, as the notebook does.
+Both torch sides run at the intra-op thread count a short probe finds fastest for each
+batch size (`benchmarks.threads`; on a small busy CPU one thread can be several times faster
+than torch's default for these small matmuls); the probe's figures go into the rows.
 
 The notebook loop at 5000 characters would take many minutes per repetition; its cost per
 character is constant once the window is full (every step is the same (B, C) forward), so
@@ -40,22 +39,44 @@ class Tuned:
         return f"torch tuned{' strided' if strided else ''} {kind}, {self.threads} thread{'s' if self.threads > 1 else ''}"
 
 
-def _tuned_variants(models, suite, batch: int, steps: int, generators) -> tuple[list[Tuned], dict]:
-    """The tuned baseline at the thread count the probe finds fastest: eager, and compiled where asked."""
-    from benchmarks.torch_tuned import probe_threads
+def _probe(models, suite, batch: int, steps: int) -> tuple[dict, dict]:
+    """Fastest thread counts for the notebook model and the tuned model at this batch size.
+
+    Each count is scored by a representative run of `steps` characters: min(steps, C)
+    growing-context steps (the notebook re-encodes about C/2 tokens for each, the tuned model
+    does one cached step) and max(steps - C, 0) full-window steps.
+    """
+    import torch
+
+    from benchmarks.threads import probe_threads
 
     c = models.config.context_length
-    threads, probe = probe_threads(models.tuned, batch, suite.torch_threads, min(steps, c), max(steps - c, 0),
-                                   device=models.torch_device)
+    grow, full = min(steps, c), max(steps - c, 0)
+    tokens = torch.zeros((batch, c), dtype=torch.long, device=models.torch_device)
+    pos = torch.tensor([c // 2], device=models.torch_device)
+    caches = models.tuned.new_caches(batch, models.torch_device)
+    ref, tuned = models.reference, models.tuned
+    nb = probe_threads({"window": (full, lambda: ref(tokens).cpu()),
+                        "half_window": (grow, lambda: ref(tokens[:, : c // 2]).cpu())}, suite.torch_threads)
+    tu = probe_threads({"window": (full, lambda: tuned.window_last(tokens).cpu()),
+                        "cached_step": (grow, lambda: tuned.step(tokens[:, :1], pos, caches).cpu())},
+                       suite.torch_threads)
+    as_extra = lambda probe: {"threads": probe[0], "thread_probe": {str(n): v for n, v in probe[1].items()}}
+    return as_extra(nb), as_extra(tu)
+
+
+def _tuned_variants(suite, batch: int, threads: int, generators) -> list[Tuned]:
+    """The tuned baseline at the probe's thread count: eager, and compiled where asked."""
     variants = [Tuned(generators[False], threads)]
     if batch in suite.compile_torch_batches:
         variants.append(Tuned(generators[True], threads))
-    return variants, {"chosen": threads, "candidates": {str(n): v for n, v in probe.items()}}
+    return variants
 
 
-def _notebook_case(models, batch: int, steps: int, marks: tuple[int, ...]):
+def _notebook_case(models, batch: int, steps: int, marks: tuple[int, ...], threads: int):
     import torch
 
+    from benchmarks.threads import torch_threads
     from porting.torch_reference import notebook_generate
 
     ref, c = models.reference, models.config.context_length
@@ -67,10 +88,11 @@ def _notebook_case(models, batch: int, steps: int, marks: tuple[int, ...]):
         hook = ref.register_forward_pre_hook(lambda module, args: starts.append(time.perf_counter()))
         try:
             torch.manual_seed(0)
-            begin = time.perf_counter()
-            out = notebook_generate(ref, n, context, c)
-            out.cpu()  # device sync
-            end = time.perf_counter()
+            with torch_threads(threads):
+                begin = time.perf_counter()
+                out = notebook_generate(ref, n, context, c)
+                out.cpu()  # device sync
+                end = time.perf_counter()
         finally:
             hook.remove()
         done = [s - begin for s in starts[1:]] + [end - begin]  # done[k-1]: k characters exist
@@ -86,7 +108,7 @@ def _notebook_case(models, batch: int, steps: int, marks: tuple[int, ...]):
 def _tuned_case(models, variant: Tuned, batch: int, steps: int, marks: tuple[int, ...], keep: int | None):
     import torch
 
-    from benchmarks.torch_tuned import torch_threads
+    from benchmarks.threads import torch_threads
 
     c = models.config.context_length
     context = torch.zeros((batch, 1), dtype=torch.long, device=models.torch_device)
@@ -138,7 +160,7 @@ class _Group:
 
     def __init__(self, models, suite, limits):
         self.models, self.suite, self.limits = models, suite, limits
-        self.cases, self.measured, self.extra = {}, {}, {}
+        self.cases, self.measured, self.extra, self.nb_extra = {}, {}, {}, {}
 
     def run(self, progress):
         self.measured = interleave(self.cases, self.suite.reps, self.suite.warmup, progress)
@@ -156,6 +178,8 @@ class _Group:
             r["keep"] = keep
         if impl.startswith("torch tuned"):
             r.update(self.extra)
+        elif impl == NOTEBOOK:
+            r.update(self.nb_extra)
         cfg = self.models.config
         flops = roofline.flops_generation(cfg, batch, 1, steps, keep)
         return roofline.annotate(r, flops, steps * roofline.weight_bytes(cfg), self.limits)
@@ -201,10 +225,10 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
     nb = suite.notebook_steps or n  # the notebook loop's measured length
     marks = tuple(sorted({mark, min(c, nb)}))
     g = _Group(models, suite, limits)
-    g.cases[NOTEBOOK] = _notebook_case(models, 1, nb, marks)
     progress and progress("probing torch thread counts (batch 1)")
-    tuned, probe = _tuned_variants(models, suite, 1, n, generators)
-    g.extra = {"threads": probe["chosen"], "thread_probe": probe}
+    g.nb_extra, g.extra = _probe(models, suite, 1, n)
+    g.cases[NOTEBOOK] = _notebook_case(models, 1, nb, marks, g.nb_extra["threads"])
+    tuned = _tuned_variants(suite, 1, g.extra["threads"], generators)
     for v in tuned:
         g.cases[v.name()] = _tuned_case(models, v, 1, n, marks, None)
         g.cases[v.name(True)] = _tuned_case(models, v, 1, long, (), keep)
@@ -262,9 +286,9 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         marks = (min(c, steps),)
         overflow = steps > c  # strided differs from exact only once the window overflows
         progress and progress(f"probing torch thread counts (batch {batch})")
-        tuned, probe = _tuned_variants(models, suite, batch, steps, generators)
-        g.extra = {"threads": probe["chosen"], "thread_probe": probe}
-        g.cases[NOTEBOOK] = _notebook_case(models, batch, steps, marks)
+        g.nb_extra, g.extra = _probe(models, suite, batch, steps)
+        tuned = _tuned_variants(suite, batch, g.extra["threads"], generators)
+        g.cases[NOTEBOOK] = _notebook_case(models, batch, steps, marks, g.nb_extra["threads"])
         for v in tuned:
             g.cases[v.name()] = _tuned_case(models, v, batch, steps, marks, None)
             if overflow:

@@ -32,7 +32,7 @@ def run(models, suite, limits=None, progress=None) -> dict:
     import torch
     from flax import nnx
 
-    from benchmarks.torch_tuned import probe_threads, torch_threads
+    from benchmarks.threads import probe_threads, torch_threads
     from jaxgpt.generate import default_stride, generate_tokens
     from jaxgpt.sampling import sampling_uniforms
     from porting.torch_reference import inverse_cdf_generate
@@ -59,7 +59,8 @@ def run(models, suite, limits=None, progress=None) -> dict:
     seed_context = np.zeros((1, 1), np.int64)
     # The long reference loops run at the thread count that is fastest here (numerics are the
     # same model's; only the wall time changes).
-    threads, _ = probe_threads(models.tuned, 1, suite.torch_threads, c, c, device=dev)
+    window = torch.zeros((1, c), dtype=torch.long, device=dev)
+    threads, _ = probe_threads({"window": (1, lambda: models.reference(window).cpu())}, suite.torch_threads)
     say(f"parity: greedy {suite.greedy_tokens} tokens (reference loop, {threads} torch threads)")
     n = suite.greedy_tokens
     jx = generate_tokens(models.jax, seed_context, n, temperature=0)

@@ -77,7 +77,10 @@ def _results_table(rows) -> list[str]:
         spread = r.get("spread", {})
         iqr = spread.get("q3", 0) - spread.get("q1", 0) if spread else None
         ttfc = r.get("ttfc_s")
-        impl = r.get("impl", r["framework"]) + (" (extrapolated)" if r.get("extrapolated") else "")
+        impl = r.get("impl", r["framework"])
+        if "threads" in r and "thread" not in impl:
+            impl += f", {r['threads']} thread{'s' if r['threads'] > 1 else ''}"
+        impl += " (extrapolated)" if r.get("extrapolated") else ""
         lines.append(
             f"| {r['name']} | {impl} | {r['batch']} | {r['chars']} | {_fmt(r['seconds'])} | {_fmt(iqr, 2)} "
             f"| {_fmt(r.get('chars_per_s'))} | {_fmt(None if ttfc is None else 1000 * ttfc)} "

@@ -14,8 +14,9 @@ positions 0..C-1, because the learned absolute positions shift):
 - a preallocated token buffer (no `torch.cat` per step);
 - optionally `torch.compile` of the two step functions (both have static shapes, so each
   compiles once; whether it helps is measured by the suite, not assumed);
-- optionally fewer intra-op threads (`torch_threads`): on a small, busy CPU one thread can
-  beat the default for these small matmuls (measured by the suite, not assumed).
+- the intra-op thread count that is fastest on the machine (`benchmarks.threads`: on a
+  small, busy CPU one thread can beat the default for these small matmuls; measured by
+  the suite, not assumed).
 
 Weights are loaded from the same notebook state dict as the reference model
 (`porting.torch_reference`), both variants. `TunedGPT.forward` matches the reference's logits
@@ -23,8 +24,6 @@ to float32 rounding (the suite checks 1e-5).
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn as nn
@@ -254,54 +253,4 @@ class TunedGenerator:
         return buf[:, t0:].clone()
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Runs the body with `torch.set_num_threads(n)` (None: unchanged), then restores the count."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def probe_threads(model: TunedGPT, batch: int, candidates, cached_steps: int, window_steps: int,
-                  rounds: int = 3, device: str = "cpu") -> tuple[int, dict]:
-    """Picks the intra-op thread count a careful torch user would pick on this machine.
-
-    Times one window forward `(B, C)` and one cached step at each thread count (the default
-    and `candidates`, interleaved, best of `rounds`) and scores each count by the cost of a
-    run of `cached_steps` cached and `window_steps` window steps.
-
-    Returns:
-      (best thread count, {threads: {"window_s", "step_s", "score_s"}}).
-    """
-    import time
-
-    c = model.config.context_length
-    counts = [torch.get_num_threads()] + [n for n in candidates if n != torch.get_num_threads()]
-    tokens = torch.zeros((batch, c), dtype=torch.long, device=device)
-    token = tokens[:, :1]
-    pos = torch.tensor([c // 2], device=device)
-    caches = model.new_caches(batch, device)
-    best = {n: {"window_s": float("inf"), "step_s": float("inf")} for n in counts}
-    with torch.inference_mode():
-        for _ in range(rounds + 1):  # the first round warms up
-            for n in counts:
-                with torch_threads(n):
-                    begin = time.perf_counter()
-                    model.window_last(tokens).cpu()
-                    mid = time.perf_counter()
-                    model.step(token, pos, caches).cpu()
-                    end = time.perf_counter()
-                best[n]["window_s"] = min(best[n]["window_s"], mid - begin)
-                best[n]["step_s"] = min(best[n]["step_s"], end - mid)
-    for n in counts:
-        best[n]["score_s"] = cached_steps * best[n]["step_s"] + window_steps * best[n]["window_s"]
-    return min(counts, key=lambda n: best[n]["score_s"]), best
-
-
-__all__ = ["TunedGPT", "TunedGenerator", "torch_threads", "probe_threads"]
+__all__ = ["TunedGPT", "TunedGenerator"]

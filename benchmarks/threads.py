@@ -1,0 +1,64 @@
+"""torch's intra-op thread count: set it for a block, and probe which count is fastest here.
+
+On a 2-core machine with other work running, torch's default (one thread per core) can be
+several times slower than one thread for the small matmuls of this model: each op's threads
+wait for a core the other processes hold. A careful torch user measures and picks; so does
+the suite (and reports the probe's figures), so that the torch side is never handicapped by
+a thread count chosen for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Mapping
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Runs the body with `torch.set_num_threads(n)` (None: unchanged), then restores the count."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def probe_threads(work: Mapping[str, tuple[float, Callable[[], object]]], candidates, rounds: int = 3
+                  ) -> tuple[int, dict]:
+    """Times each unit of `work` at torch's default thread count and at each candidate.
+
+    Args:
+      work: label -> (weight, fn): `fn()` runs one unit (synchronously); a count's score is
+        sum(weight * best time of fn) over the labels, i.e. the cost of a representative run.
+      candidates: thread counts to try besides the default.
+      rounds: timed rounds after one warm-up round; counts are interleaved within a round.
+
+    Returns:
+      (fastest thread count, {count: {label + "_s": best seconds, ..., "score_s": score}}).
+    """
+    import torch
+
+    default = torch.get_num_threads()
+    counts = [default] + [n for n in candidates if n != default]
+    best = {n: {label: float("inf") for label in work} for n in counts}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for n in counts:
+                with torch_threads(n):
+                    for label, (_, fn) in work.items():
+                        begin = time.perf_counter()
+                        fn()
+                        if r:  # round 0 warms up
+                            best[n][label] = min(best[n][label], time.perf_counter() - begin)
+    figures = {}
+    for n in counts:
+        figures[n] = {f"{label}_s": t for label, t in best[n].items()}
+        figures[n]["score_s"] = sum(weight * best[n][label] for label, (weight, _) in work.items())
+    return min(counts, key=lambda n: figures[n]["score_s"]), figures
