@@ -1,0 +1,427 @@
+"""`jaxgpt train` and `jaxgpt eval`.
+
+`train` checks every input first (text, vocabulary, --init checkpoint, configuration, output
+directory) and creates nothing until all are good. It then writes under --out:
+
+    checkpoints/<step>/   orbax checkpoints (params + optimizer state), the latest two
+    checkpoints/run.json  the settings the checkpoints belong to (checked on resume)
+    history.json          loss, validation loss, gradient norm, learning rate, tokens/s
+    loss_curve.png        redrawn at every checkpoint
+    vocab.json            the id -> character map the weights use
+    weights.pt            the final model for the notebook's torch class (porting.save_weights)
+
+Running the same command again resumes from the latest checkpoint and computes exactly what
+an uninterrupted run would have. Ctrl-C finishes the current step, checkpoints and stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+
+import click
+
+from jaxgpt.cli import CLIError
+
+_CONFIG_OPTIONS = ("context_length", "model_dim", "num_blocks", "num_heads", "variant")
+OUTPUTS = ("checkpoints", "history.json", "loss_curve.png", "vocab.json", "weights.pt", "weights.safetensors")
+
+
+class Interrupted(CLIError):
+    """Ctrl-C during training: a checkpoint was written; exit status 130."""
+
+    exit_code = 130
+
+
+def _vocab_beside(weights_path: str) -> str | None:
+    """`vocab.json` in the directory of a checkpoint written by `jaxgpt train`, if there is one."""
+    candidate = os.path.join(os.path.dirname(os.path.abspath(weights_path)), "vocab.json")
+    return candidate if os.path.isfile(candidate) else None
+
+
+def _load_vocab(vocab_path: str | None, weights_path: str | None):
+    """(Vocab, description): --vocab, else vocab.json beside the weights, else the published map."""
+    from jaxgpt.vocab import Vocab, VocabError, default_vocab
+
+    source = vocab_path or (_vocab_beside(weights_path) if weights_path else None)
+    try:
+        if source is None:
+            return default_vocab(), "the published 104-character map"
+        return Vocab.load(source), source
+    except VocabError as e:
+        raise CLIError(f"--vocab: {e}" if vocab_path else str(e)) from None
+
+
+def _encode(text: str, text_path: str, vocab, drop_unknown: bool, quiet: bool, remedy: str):
+    """Ids of the text; unknown characters are an error unless dropped, and dropping is reported."""
+    from jaxgpt.data import encode_text
+
+    unknown = vocab.unknown_chars(text)
+    if unknown and not drop_unknown:
+        count = sum(text.count(c) for c in unknown)
+        shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise CLIError(f"{text_path}: {count} characters ({len(unknown)} distinct: {shown}) are not in the "
+                       f"vocabulary: {remedy}")
+    tokens = encode_text(text, vocab, drop_unknown=drop_unknown)
+    if unknown and not quiet:
+        count = len(text) - len(tokens)
+        shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        print(f"jaxgpt: note: dropped {count} characters ({len(unknown)} distinct: {shown}) not in the vocabulary",
+              file=sys.stderr)
+    return tokens
+
+
+def _read_text(path: str, max_chars: int | None = None) -> str:
+    from jaxgpt.data import read_text
+
+    text = read_text(path)
+    return text[:max_chars] if max_chars is not None else text
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_config(given: dict, vocab, init_checkpoint, dropout: float | None, init_path: str | None):
+    """The GPTConfig to train: the checkpoint's with --init (options must agree), else options/defaults."""
+    from jaxgpt.config import PUBLISHED, GPTConfig
+
+    if init_checkpoint is not None:
+        config = init_checkpoint.config
+        clashes = [f"--{name.replace('_', '-')} {given[name]} (the checkpoint has {getattr(config, name)})"
+                   for name in _CONFIG_OPTIONS if given[name] is not None and given[name] != getattr(config, name)]
+        if clashes:
+            raise CLIError(f"--init {init_path}: {'; '.join(clashes)}: leave these options out to fine-tune it")
+        if config.vocab_size != vocab.size:
+            raise CLIError(f"--init {init_path} has vocab_size {config.vocab_size} but the vocabulary has {vocab.size} "
+                           "characters: pass the vocabulary it was trained with (--vocab JSON)")
+        return config.replace(dropout=PUBLISHED.dropout if dropout is None else dropout)
+    fields = {name: given[name] if given[name] is not None else getattr(PUBLISHED, name) for name in _CONFIG_OPTIONS}
+    fields["dropout"] = PUBLISHED.dropout if dropout is None else dropout
+    if fields["model_dim"] % fields["num_heads"]:
+        raise CLIError(f"--model-dim {fields['model_dim']} must be divisible by --num-heads {fields['num_heads']}"
+                       + ("" if given["num_heads"] is not None else " (the default)"))
+    try:
+        return GPTConfig(vocab_size=vocab.size, **fields)
+    except ValueError as e:
+        raise CLIError(str(e).replace("GPTConfig.", "--").replace("_", "-")) from None
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything `train` needs, checked, before anything is written."""
+
+    out: str
+    model_config: object
+    train_config: object
+    split: object
+    vocab: object
+    vocab_source: str
+    init: object  # porting.Checkpoint or None
+    run_info: dict
+    resume_step: int | None
+    export_torch: bool
+
+
+def _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, given, dropout, val_fraction,
+          train_fields, resume, quiet) -> _Plan:
+    from jaxgpt.data import DataError, train_val_split
+    from jaxgpt.train import TrainConfig, check_resumable
+    from jaxgpt.vocab import Vocab, VocabError
+
+    if vocab_path is not None and vocab_from_text:
+        raise CLIError("--vocab and --vocab-from-text exclude each other")
+    if vocab_from_text and init_path is not None:
+        raise CLIError("--vocab-from-text cannot fine-tune --init: the checkpoint's ids follow its own vocabulary "
+                       "(pass that one with --vocab)")
+    text = _read_text(text_path)
+    if vocab_from_text:
+        try:
+            vocab, vocab_source = Vocab.from_text(text), f"built from {text_path}"
+        except VocabError as e:
+            raise CLIError(f"{text_path}: {e}") from None
+    else:
+        vocab, vocab_source = _load_vocab(vocab_path, init_path)
+    init = None
+    if init_path is not None:
+        import porting
+
+        try:
+            init = porting.read_checkpoint(init_path)
+        except porting.CheckpointError as e:
+            raise CLIError(f"--init {e}") from None
+    model_config = _model_config(given, vocab, init, dropout, init_path)
+    tokens = _encode(text, text_path, vocab, drop_unknown, quiet, "pass --drop-unknown to remove them, "
+                     "--vocab-from-text to build the vocabulary from the text, or --vocab JSON")
+    try:
+        split = train_val_split(tokens, val_fraction, model_config.context_length)
+    except DataError as e:
+        raise CLIError(f"{text_path}: {e}") from None
+    try:
+        train_config = TrainConfig(**train_fields)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    run_info = {
+        "text_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+        "val_fraction": val_fraction,
+        "vocab": "".join(vocab.chars),
+        "init_sha256": _file_sha256(init_path) if init_path and os.path.isfile(init_path) else init_path,
+    }
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out}: exists and is not a directory")
+    if os.path.isdir(out):
+        foreign = sorted(n for n in os.listdir(out) if n not in OUTPUTS and not n.startswith("."))
+        if foreign:
+            raise CLIError(f"--out {out}: holds files that are not a jaxgpt training run ({', '.join(foreign[:3])}"
+                           f"{' ...' if len(foreign) > 3 else ''}): choose a new or empty directory")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise CLIError(f"--out {out}: the parent directory {parent} does not exist")
+    if not os.access(parent if not os.path.exists(out) else out, os.W_OK):
+        raise CLIError(f"--out {out}: not writable")
+    resume_step = check_resumable(os.path.join(out, "checkpoints"), model_config, train_config, run_info)
+    if resume_step is not None and not resume:
+        raise CLIError(f"--out {out} already holds checkpoints (up to step {resume_step}): drop --no-resume to "
+                       "continue that run, or choose another --out")
+    export_torch = importlib.util.find_spec("torch") is not None
+    return _Plan(out, model_config, train_config, split, vocab, vocab_source, init, run_info, resume_step, export_torch)
+
+
+def _write_vocab(vocab, path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        vocab.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@click.command("train")
+@click.option("--text", "text_path", required=True, metavar="FILE", help="UTF-8 training text.")
+@click.option("--out", default="jaxgpt-train", show_default=True, metavar="DIR",
+              help="Output directory (its parent must exist); an existing run there is resumed.")
+@click.option("--steps", type=click.IntRange(min=1), default=5000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Peak learning rate (after warmup).")
+@click.option("--min-lr", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Learning rate at the end of the cosine decay.")
+@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True, help="Linear warmup steps.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.1, show_default=True)
+@click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Global gradient-norm clip.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Initialisation, batches and dropout.")
+@click.option("--eval-interval", type=click.IntRange(min=1), default=250, show_default=True,
+              help="Steps between validation losses.")
+@click.option("--eval-batches", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--checkpoint-interval", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--log-interval", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Steps between history records.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              show_default=True, help="Held-out end of the text.")
+@click.option("--init", "init_path", default=None, metavar="PATH",
+              help="Fine-tune this checkpoint (torch .pt, .safetensors or orbax directory); its config is used.")
+@click.option("--vocab", "vocab_path", default=None, metavar="JSON",
+              help="id -> character map [default: vocab.json beside --init, else the published 104 characters].")
+@click.option("--vocab-from-text", is_flag=True, help="Build the vocabulary from the text's characters.")
+@click.option("--drop-unknown", is_flag=True, help="Remove characters outside the vocabulary (reported) "
+              "instead of failing.")
+@click.option("--context-length", type=click.IntRange(min=1), default=None, help="[default: 128]")
+@click.option("--model-dim", type=click.IntRange(min=1), default=None, help="[default: 252]")
+@click.option("--num-blocks", type=click.IntRange(min=1), default=None, help="[default: 6]")
+@click.option("--num-heads", type=click.IntRange(min=1), default=None, help="[default: 6]")
+@click.option("--variant", type=click.Choice(["drake", "learning"]), default=None, help="[default: drake]")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="[default: 0.2]")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue the run found in --out (--no-resume: refuse to).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes.")
+def train_command(text_path, out, steps, batch_size, lr, min_lr, warmup, weight_decay, grad_clip, seed,
+                  eval_interval, eval_batches, checkpoint_interval, log_interval, val_fraction, init_path, vocab_path,
+                  vocab_from_text, drop_unknown, context_length, model_dim, num_blocks, num_heads, variant, dropout,
+                  resume, quiet) -> None:
+    """Train (or fine-tune with --init) the character-level GPT on a text."""
+    from jaxgpt import compile_cache
+
+    given = {"context_length": context_length, "model_dim": model_dim, "num_blocks": num_blocks,
+             "num_heads": num_heads, "variant": variant}
+    train_fields = dict(steps=steps, batch_size=batch_size, learning_rate=lr, min_learning_rate=min_lr,
+                        warmup_steps=warmup, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
+                        eval_interval=eval_interval, eval_batches=eval_batches,
+                        checkpoint_interval=checkpoint_interval, log_interval=log_interval)
+    plan = _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, given, dropout, val_fraction,
+                 train_fields, resume, quiet)
+    compile_cache.enable()
+    _run(plan, quiet)
+
+
+def _run(plan: _Plan, quiet: bool) -> None:
+    from flax import nnx
+
+    import porting
+    from jaxgpt.model import GPT
+    from jaxgpt.plots import plot_history
+    from jaxgpt.train import fit, latest_step
+
+    mc, tc = plan.model_config, plan.train_config
+    ckpt_dir = os.path.join(plan.out, "checkpoints")
+    curve = os.path.join(plan.out, "loss_curve.png")
+    created = not os.path.exists(plan.out)
+    if plan.init is not None:
+        model = porting.model_from_params(plan.init.params, mc)
+    else:
+        model = GPT(mc, rngs=nnx.Rngs(tc.seed))
+    if not quiet:
+        what = f"fine-tuning {plan.init.path}" if plan.init is not None else "training from scratch"
+        where = f"resuming from step {plan.resume_step}" if plan.resume_step else f"writing {plan.out}"
+        print(f"jaxgpt: {what}: {mc.variant}, {mc.num_params():,} parameters (context {mc.context_length}, dim "
+              f"{mc.model_dim}, {mc.num_blocks} blocks, {mc.num_heads} heads, dropout {mc.dropout}); vocabulary "
+              f"{plan.vocab_source}; {len(plan.split.train):,} training / {len(plan.split.val):,} validation "
+              f"characters; {tc.steps} steps of {tc.batch_size} x {mc.context_length}; {where}", file=sys.stderr)
+
+    def redraw(step, history):
+        if history:  # the first checkpoint may come before the first record
+            plot_history(history, curve, title=f"{os.path.basename(plan.out)}: {mc.num_params():,} parameters")
+
+    before = set(os.listdir(plan.out)) if not created else set()
+    try:
+        os.makedirs(plan.out, exist_ok=True)
+        _write_vocab(plan.vocab, os.path.join(plan.out, "vocab.json"))
+        trained, history = fit(model, plan.split, tc, checkpoint_dir=ckpt_dir,
+                               history_path=os.path.join(plan.out, "history.json"), run_info=plan.run_info,
+                               progress=not quiet, on_checkpoint=redraw)
+    except KeyboardInterrupt:
+        step = latest_step(ckpt_dir)
+        if step is None:
+            _remove_new_outputs(plan.out, created, before)
+            raise
+        raise Interrupted(f"interrupted: checkpoint at step {step} in {ckpt_dir}; run the same command to resume") from None
+    except BaseException:
+        if latest_step(ckpt_dir) is None:
+            _remove_new_outputs(plan.out, created, before)
+        raise
+    redraw(tc.steps, history)
+    if plan.export_torch:
+        weights = os.path.join(plan.out, "weights.pt")
+        porting.save_weights(trained, weights)
+    else:
+        weights = os.path.join(plan.out, "weights.safetensors")
+        porting.save_flax(trained, weights, "safetensors")
+        print('jaxgpt: note: torch is not installed, so the weights are in Flax-native safetensors (pip install '
+              '"jaxgpt[torch]" for weights.pt)', file=sys.stderr)
+    last = history[-1] if history else {}
+    val = last.get("val_loss")
+    print(f"step {tc.steps}: loss {last.get('loss', float('nan')):.4f}"
+          + (f", validation loss {val:.4f} nats/char ({val / math.log(2):.4f} bits/char)" if val is not None else ""))
+    print(f"wrote {weights}, {curve}, {os.path.join(plan.out, 'history.json')}")
+
+
+def _remove_new_outputs(path: str, created: bool, before: set[str]) -> None:
+    """A run that failed before its first checkpoint leaves nothing behind: the directory if it
+    created it, else the outputs it added."""
+    if created:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in OUTPUTS:
+        target = os.path.join(path, name)
+        if name not in before and os.path.lexists(target):
+            if os.path.isdir(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                os.remove(target)
+
+
+# ----------------------------------------------------------------------------- eval
+def _default_weights() -> str:
+    import jaxgpt
+
+    path = getattr(jaxgpt, "DEFAULT_WEIGHTS", None)
+    if path is None or not os.path.exists(path):
+        raise CLIError("no --weights given and the bundled default checkpoint is not installed: pass --weights PATH")
+    return str(path)
+
+
+COMPARE_TOLERANCE = 1e-4  # nats/char: float32 summation orders differ, the models must not
+
+
+@click.command("eval")
+@click.option("--weights", default=None, metavar="PATH",
+              help="Checkpoint: torch .pt, .safetensors, orbax directory or a `jaxgpt train` --out directory "
+              "[default: the bundled one].")
+@click.option("--text", "text_path", required=True, metavar="FILE", help="UTF-8 text to score.")
+@click.option("--vocab", "vocab_path", default=None, metavar="JSON",
+              help="id -> character map [default: vocab.json beside the weights, else the published 104 characters].")
+@click.option("--drop-unknown", is_flag=True, help="Remove characters outside the vocabulary (reported).")
+@click.option("--max-chars", type=click.IntRange(min=2), default=None, help="Score only the first N characters.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Windows per forward pass.")
+@click.option("--compare-torch", is_flag=True, help="Also score with the notebook's torch model (needs torch).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes.")
+def eval_command(weights, text_path, vocab_path, drop_unknown, max_chars, batch_size, compare_torch, as_json,
+                 quiet) -> None:
+    """Teacher-forced loss of a checkpoint on a text: nats/char, bits/char, perplexity."""
+    from jaxgpt import compile_cache
+
+    path = weights if weights is not None else _default_weights()
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "weights.pt")):
+        path = os.path.join(path, "weights.pt")  # a `jaxgpt train` output directory
+    if compare_torch and importlib.util.find_spec("torch") is None:
+        raise CLIError('--compare-torch needs torch, which is not installed: pip install "jaxgpt[torch]"')
+    text = _read_text(text_path, max_chars)
+    vocab, vocab_source = _load_vocab(vocab_path, path)
+    import porting
+
+    model = porting.load_weights(path)
+    config = model.config
+    if vocab.size != config.vocab_size:
+        raise CLIError(f"{vocab_source} has {vocab.size} characters but {path} has vocab_size {config.vocab_size}: "
+                       "pass the checkpoint's vocabulary with --vocab")
+    tokens = _encode(text, text_path, vocab, drop_unknown, quiet or as_json,
+                     "pass --drop-unknown to remove them, or the checkpoint's vocabulary with --vocab")
+    compile_cache.enable()
+    from jaxgpt.evaluate import evaluate, evaluate_torch, torch_reference
+
+    result = evaluate(model, tokens, batch_size=batch_size, progress=not (quiet or as_json))
+    reference = None
+    if compare_torch:
+        reference = evaluate_torch(torch_reference(model), tokens, config.context_length, batch_size=batch_size,
+                                   progress=not (quiet or as_json))
+    difference = abs(result.nats_per_char - reference.nats_per_char) if reference else None
+    if as_json:
+        doc = {"weights": path, "text": text_path, "vocab": vocab_source, "context_length": config.context_length,
+               "jax": result.as_dict()}
+        if reference is not None:
+            doc["torch"] = reference.as_dict()
+            doc["abs_difference_nats_per_char"] = difference
+        print(json.dumps(doc, indent=1))
+    else:
+        print(f"{path}: {config.variant}, {model.num_params():,} parameters, vocabulary {vocab_source}; "
+              f"{text_path}: {result.num_chars:,} characters predicted in {result.num_windows:,} windows of up to "
+              f"{config.context_length}")
+        rows = [("jaxgpt", result)] + ([("torch", reference)] if reference is not None else [])
+        for name, r in rows:
+            print(f"{name:7s} {r.nats_per_char:.5f} nats/char  {r.bits_per_char:.5f} bits/char  "
+                  f"perplexity {r.perplexity:.4f}")
+        if reference is not None:
+            print(f"agreement: |jaxgpt - torch| = {difference:.2e} nats/char (tolerance {COMPARE_TOLERANCE:g})")
+    if difference is not None and not difference <= COMPARE_TOLERANCE:
+        raise CLIError(f"jaxgpt and torch disagree by {difference:.3g} nats/char (> {COMPARE_TOLERANCE:g})")
+
+
+def register(app) -> None:
+    app.add_command(train_command)
+    app.add_command(eval_command)

@@ -1,0 +1,187 @@
+"""Teacher-forced evaluation of a text: loss in nats/char, bits/char and perplexity.
+
+The text is cut into consecutive windows of `context_length` characters; each window is one
+forward pass that predicts every next character from the ones before it in the same window
+(positions 0..T-1, as the model was trained). The last, shorter window covers the rest, so
+every character after the first is predicted exactly once. The same windows can be scored by
+the notebook's torch model (`evaluate_torch`) to show both frameworks agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgpt.data import DataError, eval_windows
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """Average next-character loss over a text.
+
+    Attributes:
+      nats_per_char: mean negative log-likelihood (natural log) per predicted character.
+      num_chars: characters predicted (the text's length minus one).
+      num_windows: forward passes (windows of up to context_length characters).
+    """
+
+    nats_per_char: float
+    num_chars: int
+    num_windows: int
+
+    @property
+    def bits_per_char(self) -> float:
+        return self.nats_per_char / math.log(2.0)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats_per_char)
+
+    def as_dict(self) -> dict:
+        return {"nats_per_char": self.nats_per_char, "bits_per_char": self.bits_per_char,
+                "perplexity": self.perplexity, "num_chars": self.num_chars, "num_windows": self.num_windows}
+
+
+def windows(tokens: np.ndarray, context_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All teacher-forcing windows, the last one padded: x, y int32 `(N, T)`, mask float32 `(N, T)`.
+
+    Padding sits after the real tokens of the last window, so by causality it changes none
+    of their predictions; the mask removes its own.
+
+    Raises:
+      DataError: fewer than two tokens (nothing to predict).
+    """
+    tokens = np.asarray(tokens, dtype=np.int32)
+    if len(tokens) < 2:
+        raise DataError(f"the text has {len(tokens)} character(s); at least 2 are needed to predict one")
+    x, y = eval_windows(tokens, context_length)
+    mask = np.ones(x.shape, np.float32)
+    rest = len(tokens) - 1 - x.size  # predictions the full windows leave out
+    if rest:
+        tail_x = np.zeros((1, context_length), np.int32)
+        tail_y = np.zeros((1, context_length), np.int32)
+        tail_mask = np.zeros((1, context_length), np.float32)
+        tail_x[0, :rest] = tokens[x.size : x.size + rest]
+        tail_y[0, :rest] = tokens[x.size + 1 : x.size + rest + 1]
+        tail_mask[0, :rest] = 1.0
+        x, y, mask = np.concatenate([x, tail_x]), np.concatenate([y, tail_y]), np.concatenate([mask, tail_mask])
+    return x, y, mask
+
+
+def _batches(x, y, mask, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Fixed-shape batches `(batch_size, T)`: the last is padded with masked-out rows (one compile)."""
+    for i in range(0, len(x), batch_size):
+        bx, by, bm = x[i : i + batch_size], y[i : i + batch_size], mask[i : i + batch_size]
+        pad = batch_size - len(bx)
+        if pad:
+            bx = np.concatenate([bx, np.zeros((pad, bx.shape[1]), bx.dtype)])
+            by = np.concatenate([by, np.zeros((pad, by.shape[1]), by.dtype)])
+            bm = np.concatenate([bm, np.zeros((pad, bm.shape[1]), bm.dtype)])
+        yield bx, by, bm
+
+
+@functools.lru_cache(maxsize=8)
+def make_nll_sum(graphdef) -> Callable:
+    """Jitted `nll_sum(params, x, y, mask) -> float32` sum of masked -log p(y | x) (eval-mode graphdef).
+
+    Cached per model structure: evaluating models of one configuration again reuses the compiled
+    program (it compiles once per batch shape).
+    """
+
+    def nll_sum(params, x, y, mask):
+        logits = nnx.merge(graphdef, params)(x).astype(jnp.float32)  # (B, T, V)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]  # (B, T)
+        return -(picked * mask).sum()
+
+    return jax.jit(nll_sum)
+
+
+def evaluate(model, tokens: np.ndarray, *, batch_size: int = 32, progress: bool = False) -> EvalResult:
+    """Teacher-forced loss of `model` over `tokens`.
+
+    Args:
+      model: a `jaxgpt.GPT` (evaluated in eval mode: dropout off).
+      tokens: int ids `(N,)`, N >= 2, all < vocab_size.
+      batch_size: windows per forward pass (a fixed shape: compiles once).
+      progress: show a tqdm bar over the batches.
+
+    Returns:
+      `EvalResult`: per-character sums accumulated in float64 across batches.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    config = model.config
+    _check_ids(tokens, config.vocab_size)
+    was_training = model.training
+    model.eval()
+    graphdef, params = nnx.split(model)
+    if was_training:
+        model.train()
+    nll_sum = make_nll_sum(graphdef)
+    x, y, mask = windows(tokens, config.context_length)
+    total = 0.0
+    for bx, by, bm in _progress(_batches(x, y, mask, batch_size), len(x), batch_size, progress):
+        total += float(nll_sum(params, bx, by, bm))
+    count = int(mask.sum())
+    return EvalResult(total / count, count, len(x))
+
+
+def evaluate_torch(torch_model, tokens: np.ndarray, context_length: int, *, batch_size: int = 32,
+                   progress: bool = False) -> EvalResult:
+    """The same evaluation with a torch model (e.g. `porting.torch_reference.DrakeGPT`), on CPU.
+
+    Args:
+      torch_model: a torch module mapping int64 `(B, T)` to logits `(B, T, V)`; put in eval mode.
+      tokens, batch_size, progress: as in `evaluate`.
+      context_length: window length (the model's).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    torch_model.eval()
+    x, y, mask = windows(tokens, context_length)
+    total = 0.0
+    with torch.no_grad():
+        for bx, by, bm in _progress(_batches(x, y, mask, batch_size), len(x), batch_size, progress):
+            logits = torch_model(torch.from_numpy(bx.astype(np.int64))).float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(by.astype(np.int64)).reshape(-1),
+                                  reduction="none")
+            total += float((nll * torch.from_numpy(bm).reshape(-1)).sum())
+    count = int(mask.sum())
+    return EvalResult(total / count, count, len(x))
+
+
+def torch_reference(model):
+    """The notebook's torch model holding `model`'s weights (via porting's state-dict conversion)."""
+    import torch
+
+    import porting
+    from porting.torch_reference import reference_from_config
+
+    reference = reference_from_config(model.config)
+    state = {k: torch.from_numpy(v) for k, v in porting.state_dict_from_model(model).items()}
+    reference.load_state_dict(state, strict=True)
+    return reference.eval()
+
+
+def _check_ids(tokens, vocab_size: int) -> None:
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise DataError(f"token ids must be in 0..{vocab_size - 1} (the model's vocabulary), "
+                        f"found {int(tokens.min())}..{int(tokens.max())}")
+
+
+def _progress(batches, num_windows: int, batch_size: int, enabled: bool):
+    if not enabled:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, total=-(-num_windows // batch_size), unit="batch", dynamic_ncols=True, leave=False)
