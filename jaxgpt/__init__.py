@@ -1,11 +1,17 @@
 """jaxgpt: the notebook's character-level GPT in JAX/Flax NNX."""
 
+from importlib import resources as _resources
+
 from jaxgpt.config import PUBLISHED, GPTConfig
 from jaxgpt.model import GPT, init_cache
 from jaxgpt.vocab import DEFAULT_VOCAB_PATH, Vocab, VocabError, default_vocab
 from jaxgpt.generate import generate, generate_tokens, stream_text, stream_tokens
 from jaxgpt.sampling import Greedy, Multinomial, Sampling, TopK, TopP, sampling_uniforms
 
-__all__ = ["GPT", "GPTConfig", "PUBLISHED", "init_cache", "Vocab", "VocabError", "default_vocab", "DEFAULT_VOCAB_PATH",
+DEFAULT_WEIGHTS = str(_resources.files("jaxgpt") / "assets" / "default_weights.pt")
+"""The bundled default checkpoint: a torch state dict of the published configuration trained on
+public-domain Shakespeare (see the README for the recipe). Read it with `porting.load_weights`."""
+
+__all__ = ["GPT", "DEFAULT_WEIGHTS", "GPTConfig", "PUBLISHED", "init_cache", "Vocab", "VocabError", "default_vocab", "DEFAULT_VOCAB_PATH",
            "generate", "generate_tokens", "stream_text", "stream_tokens",
            "Greedy", "Multinomial", "Sampling", "TopK", "TopP", "sampling_uniforms"]
