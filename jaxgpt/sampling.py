@@ -173,7 +173,7 @@ def sampling_uniforms(seed: int, batch: int, num_steps: int, first_step: int = 0
     them to `porting.torch_reference.inverse_cdf_generate` to reproduce jaxgpt's tokens in torch.
     """
     steps = jnp.arange(first_step, first_step + num_steps)
-    return np.asarray(_uniform_table(row_keys(seed, batch), steps))
+    return np.array(_uniform_table(row_keys(seed, batch), steps))  # a writable copy
 
 
 # ----------------------------------------------------------------------------- user-facing views
