@@ -1,0 +1,187 @@
+"""What strided generation costs in quality and gains in speed, per stride.
+
+`python -m benchmarks.strided_quality [--weights PT] [--targets N] [--strides 2,4,...] [--chars N]`
+writes benchmarks/results/strided_quality.{json,md}.
+
+Quality: teacher-forced next-character loss (nats) on held-out text (the last 10% of
+shakespeare.txt), each character predicted from the context the generation mode would give
+it once the window is full:
+  exact        the previous C characters at positions 0..C-1 (the notebook's loop);
+  stride s     a window of C characters re-encoded every s characters: the characters at
+               window positions C-s..C-1 are predicted from the previous C+1-s .. C characters
+               (one forward pass of C characters serves s predictions, as in generation).
+Every mode predicts the same N consecutive characters, so the loss differences are paired; the
+standard error given treats the per-character differences as independent (they are not quite,
+being serial), so read it as a scale. Before the window first fills both modes are the same
+computation, so only this steady state is measured.
+
+Speed: warm `generate_tokens` time for `--chars` characters at batch 1 from the notebook's seed
+context, median of `--reps` runs, for exact mode and each stride; wall time and process CPU
+time (on a shared machine the CPU time is the steadier figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+DATA = "/work/shared/data/shakespeare.txt"
+DEFAULT_STRIDES = (2, 4, 8, 16, 32, 64, 96, 112, 128)
+
+
+def _window_losses(graphdef):
+    @jax.jit
+    def losses(state, inputs, targets):  # (N, C) each -> (N, C) per-position cross-entropy
+        logits = nnx.merge(graphdef, state)(inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+    return losses
+
+
+def per_target_losses(model, tokens: np.ndarray, first: int, count: int, stride: int, batch: int = 32) -> np.ndarray:
+    """Loss of predicting tokens[first : first + count] under the given windowing (stride 1 = exact).
+
+    A window starting at b covers inputs tokens[b : b + C]; its positions C-stride..C-1 predict
+    tokens[b + C + 1 - stride .. b + C]. Consecutive windows start `stride` apart.
+    """
+    c = model.config.context_length
+    keep = c + 1 - stride
+    starts = np.arange(first - keep, first + count - keep, stride)
+    if starts[0] < 0:
+        raise ValueError(f"first={first} leaves no room for a window of {c} before the first target")
+    graphdef, state = nnx.split(model)
+    losses_fn = _window_losses(graphdef)
+    out = []
+    for i in range(0, len(starts), batch):
+        b = starts[i : i + batch]
+        index = b[:, None] + np.arange(c)[None]
+        padded = np.resize(index, (batch, c)) if len(b) < batch else index  # one compiled shape
+        losses = np.asarray(losses_fn(state, tokens[padded], tokens[padded + 1]))[: len(b)]
+        out.append(losses[:, keep - 1 :].reshape(-1))  # positions keep-1..C-1: s targets per window
+    return np.concatenate(out)[:count]
+
+
+def time_generation(model, num_chars: int, reps: int, **options) -> dict:
+    from jaxgpt.generate import generate_tokens
+
+    context = np.zeros((1, 0), np.int32)
+    generate_tokens(model, context, num_chars, **options)  # compile and warm up
+    walls, cpus = [], []
+    for _ in range(reps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        generate_tokens(model, context, num_chars, **options)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return {"seconds": statistics.median(walls), "cpu_seconds": statistics.median(cpus),
+            "chars_per_s": num_chars / statistics.median(walls)}
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def markdown(doc: dict) -> str:
+    lines = [
+        "# Strided generation: quality and speed per stride",
+        "",
+        f"Checkpoint: `{doc['checkpoint']}` ({doc['checkpoint_note']}). Held-out text: the last "
+        f"{doc['held_out']['fraction']:.0%} of shakespeare.txt; {doc['held_out']['targets']:,} consecutive "
+        f"characters predicted in every mode. Context length C = {doc['context_length']}.",
+        "",
+        f"Speed: {doc['speed_chars']} characters, batch 1, warm, median of {doc['reps']} runs; "
+        f"machine: {doc['machine']} (load average {doc['load_average']:.1f} at the start: a shared machine, "
+        "so CPU seconds are the steadier figure).",
+        "",
+        "| mode | context per prediction | loss (nats) | vs exact | speed (chars/s) | wall s | CPU s | speed-up (CPU) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    exact = doc["exact"]
+    lines.append(f"| exact | {doc['context_length']} | {exact['loss']:.4f} | — | {exact['chars_per_s']:.1f} | "
+                 f"{exact['seconds']:.2f} | {exact['cpu_seconds']:.2f} | 1.0x |")
+    for row in doc["strided"]:
+        lines.append(
+            f"| stride {row['stride']} | {row['keep']}..{doc['context_length']} | {row['loss']:.4f} | "
+            f"{row['delta']:+.4f} ± {row['delta_se']:.4f} | {row['chars_per_s']:.1f} | {row['seconds']:.2f} | "
+            f"{row['cpu_seconds']:.2f} | {row['speedup_cpu']:.1f}x |")
+    lines += ["", "Loss: teacher-forced, each character predicted from the context its mode gives it once the "
+              "window is full (see benchmarks/strided_quality.py). ± is one standard error of the paired "
+              "difference, treating characters as independent.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from jaxgpt import DEFAULT_WEIGHTS, default_vocab
+    from jaxgpt.data import encode_text, read_text
+    from porting import load_weights
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.strided_quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", default=None, help="checkpoint (default: the bundled default checkpoint)")
+    p.add_argument("--targets", type=int, default=4096, help="held-out characters predicted per mode")
+    p.add_argument("--strides", default=",".join(map(str, DEFAULT_STRIDES)))
+    p.add_argument("--chars", type=int, default=2000, help="characters generated for the speed figures")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=RESULTS, help="directory for strided_quality.{json,md}")
+    args = p.parse_args(argv)
+
+    weights = args.weights or DEFAULT_WEIGHTS
+    if not os.path.exists(weights):
+        p.error(f"{weights}: no such checkpoint (train or pass --weights)")
+    model = load_weights(weights)
+    c = model.config.context_length
+    strides = [int(s) for s in args.strides.split(",")]
+    text = read_text(DATA)
+    held_out = encode_text(text[int(len(text) * 0.9):], default_vocab(), drop_unknown=True)
+    first = c  # the first target with a full window behind it, for every stride
+    load = os.getloadavg()[0]
+    print(f"checkpoint {weights}; {len(held_out):,} held-out characters; {args.targets} targets", file=sys.stderr)
+
+    exact_losses = per_target_losses(model, held_out, first, args.targets, 1)
+    exact = {"loss": float(exact_losses.mean()), **time_generation(model, args.chars, args.reps)}
+    print(f"exact: loss {exact['loss']:.4f}, {exact['chars_per_s']:.1f} chars/s", file=sys.stderr)
+    rows = []
+    for s in strides:
+        losses = per_target_losses(model, held_out, first, args.targets, s)
+        diff = losses - exact_losses
+        speed = time_generation(model, args.chars, args.reps, mode="strided", stride=s)
+        rows.append({"stride": s, "keep": c + 1 - s, "loss": float(losses.mean()), "delta": float(diff.mean()),
+                     "delta_se": float(diff.std(ddof=1) / np.sqrt(len(diff))), **speed,
+                     "speedup": exact["seconds"] / speed["seconds"],
+                     "speedup_cpu": exact["cpu_seconds"] / speed["cpu_seconds"]})
+        print(f"stride {s}: loss {rows[-1]['loss']:.4f} ({rows[-1]['delta']:+.4f}), "
+              f"{speed['chars_per_s']:.1f} chars/s", file=sys.stderr)
+
+    trained = os.path.abspath(weights) == os.path.abspath(DEFAULT_WEIGHTS)
+    doc = {
+        "checkpoint": os.path.relpath(weights) if trained else weights,
+        "checkpoint_note": "the trained default checkpoint" if trained else "a checkpoint given with --weights",
+        "context_length": c,
+        "held_out": {"path": DATA, "fraction": 0.1, "chars": int(len(held_out)), "targets": args.targets},
+        "speed_chars": args.chars, "reps": args.reps,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}",
+        "load_average": load,
+        "exact": exact,
+        "strided": rows,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    _write(os.path.join(args.out, "strided_quality.json"), json.dumps(doc, indent=1) + "\n")
+    _write(os.path.join(args.out, "strided_quality.md"), markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
