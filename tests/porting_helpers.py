@@ -7,6 +7,7 @@ import io
 import zipfile
 
 import numpy as np
+import pytest
 
 PUBLISHED = dict(vocab_size=104, context_length=128, model_dim=252, num_blocks=6, num_heads=6)
 SMALL = dict(vocab_size=7, context_length=16, model_dim=24, num_blocks=1, num_heads=3)
@@ -111,3 +112,15 @@ def jitted_logits(model, fast_compile: bool = False):
         return np.asarray(compiled[tokens.shape](state, tokens))
 
     return logits
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Torch on one thread while a module's tests run: the reference's many tiny per-head ops
+    are 10x+ slower with torch's thread pool on a busy 2-core machine (threads wait on each
+    other). Import this fixture into a test module to apply it there."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

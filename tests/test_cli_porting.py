@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxgpt.cli import main
-from tests.porting_helpers import SMALL, hostile_archive, pickled, save_reference
+from tests.porting_helpers import SMALL, hostile_archive, one_torch_thread, pickled, save_reference  # one_torch_thread: autouse fixture
 
 torch = pytest.importorskip("torch")
 

@@ -10,7 +10,7 @@ import pytest
 
 import porting
 from jaxgpt import GPTConfig
-from tests.porting_helpers import PUBLISHED, SMALL, jitted_logits, save_reference
+from tests.porting_helpers import PUBLISHED, SMALL, jitted_logits, one_torch_thread, save_reference  # one_torch_thread: autouse fixture
 
 torch = pytest.importorskip("torch")
 

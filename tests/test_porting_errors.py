@@ -11,7 +11,7 @@ import pytest
 
 import porting
 from porting import CheckpointError
-from tests.porting_helpers import SMALL, hostile_archive, pickled, save_reference, torch_records, write_zip
+from tests.porting_helpers import SMALL, hostile_archive, one_torch_thread, pickled, save_reference, torch_records, write_zip  # one_torch_thread: autouse fixture
 
 torch = pytest.importorskip("torch")
 

@@ -13,7 +13,7 @@ import pytest
 
 import porting
 from porting.torch_zip import read_torch_zip
-from tests.porting_helpers import bits, save_reference, torch_dtype_name, torch_records, write_zip
+from tests.porting_helpers import bits, one_torch_thread, save_reference, torch_dtype_name, torch_records, write_zip  # one_torch_thread: autouse fixture
 
 torch = pytest.importorskip("torch")
 

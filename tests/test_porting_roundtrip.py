@@ -10,7 +10,7 @@ import pytest
 import porting
 from jaxgpt import GPT, GPTConfig
 from porting import keymap
-from tests.porting_helpers import PUBLISHED, SMALL, bits, jitted_logits, random_reference, save_reference
+from tests.porting_helpers import PUBLISHED, SMALL, bits, jitted_logits, one_torch_thread, random_reference, save_reference  # one_torch_thread: autouse fixture
 
 torch = pytest.importorskip("torch")
 
