@@ -231,7 +231,8 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
     tuned = _tuned_variants(suite, 1, g.extra["threads"], generators)
     for v in tuned:
         g.cases[v.name()] = _tuned_case(models, v, 1, n, marks, None)
-        g.cases[v.name(True)] = _tuned_case(models, v, 1, long, (), keep)
+        if suite.strided_twin_b1:
+            g.cases[v.name(True)] = _tuned_case(models, v, 1, long, (), keep)
     g.cases["jax ttfc"] = _jax_case(models.jax, 1, 1, "exact", None)
     g.cases["jax mark"] = _jax_case(models.jax, 1, mark, "exact", None)
     g.cases[JAX_EXACT] = _jax_case(models.jax, 1, n, "exact", None)
@@ -251,7 +252,8 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
     for v in tuned:
         rows.append(g.row(v.name(), v.name(), 1, mark, key=f"t{mark}"))
         rows.append(g.row(v.name(), v.name(), 1, n))
-        rows.append(g.row(v.name(True), v.name(True), 1, long, keep=keep, stride=stride))
+        if suite.strided_twin_b1:
+            rows.append(g.row(v.name(True), v.name(True), 1, long, keep=keep, stride=stride))
     rows.append(g.row("jax mark", JAX_EXACT, 1, mark, ttfc_s=jax_ttfc))
     rows.append(g.row(JAX_EXACT, JAX_EXACT, 1, n, ttfc_s=jax_ttfc))
     rows.append(g.row(JAX_STRIDED, JAX_STRIDED, 1, long, keep=keep, stride=stride, ttfc_s=jax_ttfc))
@@ -273,9 +275,10 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         best, "jax mark", f"batch 1, first {mark} chars: jaxgpt exact vs {best}", f"t{mark}")
     best = g.fastest([v.name() for v in tuned])
     ratios[f"gen_b1_{n}_exact_vs_tuned"] = g.ratio(best, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs {best}")
-    best_strided = g.fastest([v.name(True) for v in tuned])
-    ratios[f"gen_b1_{long}_strided_vs_tuned_strided"] = g.ratio(
-        best_strided, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs {best_strided} (same algorithm)")
+    if suite.strided_twin_b1:
+        best_strided = g.fastest([v.name(True) for v in tuned])
+        ratios[f"gen_b1_{long}_strided_vs_tuned_strided"] = g.ratio(
+            best_strided, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs {best_strided} (same algorithm)")
     best = g.fastest([v.name() for v in tuned], "ttfc")
     ratios["ttfc_b1_vs_tuned"] = g.ratio(
         best, "jax ttfc", f"batch 1 time to first character: jaxgpt vs {best}", "ttfc")

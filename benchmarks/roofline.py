@@ -128,7 +128,8 @@ class DeviceLimits:
             "peak_bandwidth_gbs": self.peak_bandwidth_gbs,
             "matmul_size": self.matmul_size,
             "bandwidth_mbytes": self.bandwidth_mbytes,
-            "method": "float32 n x n matmul (2 n^3 FLOPs) and float32 array sum (bytes read), best of reps",
+            "method": "float32 n x n matmul (2 n^3 FLOPs) and float32 array sum (bytes read), best of reps, "
+                      "measured at the start and at the end of the suite (the better counts)",
         }
 
 
@@ -196,19 +197,33 @@ def floor_seconds(flops: float, bytes_read: float, limits: DeviceLimits) -> dict
     }
 
 
-def annotate(row: dict, flops: float, bytes_read: float, limits: DeviceLimits | None) -> dict:
-    """Adds the work of a result and how close its median time comes to the floors.
-
-    Fields: flops, flops_per_char, achieved_gflops, and with measured limits flop_floor_s,
-    memory_floor_s, floor_fraction (FLOP floor / time) and roofline_fraction (the larger of
-    the two floors / time).
-    """
+def annotate(row: dict, flops: float, bytes_read: float, limits: DeviceLimits | None = None) -> dict:
+    """Adds the work of a result (flops, flops_per_char, bytes_read, achieved_gflops), and the
+    floors if `limits` is given (see `apply_floors`)."""
     row["flops"] = float(flops)
     row["flops_per_char"] = float(flops) / row["chars"]
+    row["bytes_read"] = float(bytes_read)
     row["achieved_gflops"] = float(flops) / row["seconds"] / 1e9
     if limits is not None:
-        floors = floor_seconds(flops, bytes_read, limits)
+        apply_floors(row, limits)
+    return row
+
+
+def apply_floors(row: dict, limits: DeviceLimits) -> dict:
+    """flop_floor_s, memory_floor_s, floor_fraction (FLOP floor / median time) and
+    roofline_fraction (the larger floor / median time) of a row that `annotate` filled."""
+    if "flops" in row:
+        floors = floor_seconds(row["flops"], row["bytes_read"], limits)
         row.update(floors)
         row["floor_fraction"] = floors["flop_floor_s"] / row["seconds"]
         row["roofline_fraction"] = max(floors.values()) / row["seconds"]
     return row
+
+
+def merge_limits(a: DeviceLimits | None, b: DeviceLimits) -> DeviceLimits:
+    """The better figure of two measurements for each framework (a peak is a maximum)."""
+    if a is None:
+        return b
+    best = lambda x, y: {k: max(x[k], y[k]) for k in x}
+    return DeviceLimits(best(a.matmul_gflops, b.matmul_gflops), best(a.bandwidth_gbs, b.bandwidth_gbs),
+                        a.matmul_size, a.bandwidth_mbytes)

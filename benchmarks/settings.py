@@ -26,6 +26,8 @@ class SuiteConfig:
       gen_mark: the growing-context mark inside it (the 127-char ratio).
       strided_steps: characters of the batch-1 strided generation (the 5000-char ratio).
       stride: strided mode's stride (None: the engine's default, C // 2).
+      strided_twin_b1: also run the tuned torch twin of strided mode at batch 1 over
+        strided_steps characters (the same-algorithm comparison; it costs a minute a round).
       batch_steps: (batch, characters per row) of the batched generations.
       compile_torch_batches: batches at which the torch.compile'd tuned baseline is also run
         (each new shape costs a compilation of a minute or more on a small CPU).
@@ -53,7 +55,8 @@ class SuiteConfig:
     gen_mark: int = 127
     strided_steps: int = 5000
     stride: int | None = None
-    batch_steps: tuple[tuple[int, int], ...] = ((8, 400), (64, 160))
+    strided_twin_b1: bool = True
+    batch_steps: tuple[tuple[int, int], ...] = ((8, 200), (64, 48))
     compile_torch_batches: tuple[int, ...] = (1, 8, 64)
     torch_threads: tuple[int, ...] = (1,)
     notebook_steps: int | None = None
@@ -91,8 +94,9 @@ FULL = SuiteConfig()
 QUICK = SuiteConfig(
     reps=3,
     notebook_steps=160,
-    batch_steps=((8, 160), (64, 32)),
-    compile_torch_batches=(1,),
+    strided_twin_b1=False,
+    batch_steps=((8, 64), (64, 16)),
+    compile_torch_batches=(),
     compile_forward=False,
     train_quick=True,
     limits_matmul=1024,
