@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt import engine
-from jaxgpt.sampling import make_params, row_keys
+from jaxgpt.sampling import make_params
 from jaxgpt.vocab import Vocab, default_vocab
 
 MODES = ("exact", "strided")
@@ -153,20 +153,19 @@ def _run(model, context, num_new, seed, params, keep, chunk_size) -> Iterator[np
     context = context[:, -config.context_length :]  # the notebook's crop
     p = context.shape[1]
     prompt_bucket = bucket(p, MIN_PROMPT_BUCKET, config.context_length)
-    # At least C: the refill branch slices `keep` <= C tokens (traced even when never taken).
+    # At least C: the refill step slices `keep` <= C tokens (compiled even when never run).
     stream_len = max(prompt_bucket + bucket(num_new, MIN_STEPS_BUCKET), config.context_length)
     stream = np.zeros((batch, stream_len), np.int32)
     stream[:, :p] = context
 
     graphdef, state = nnx.split(model)
-    keys = row_keys(seed, batch)
-    cache = engine.start(graphdef, state, jnp.asarray(stream[:, :prompt_bucket]))
-    carry = engine.Carry(jnp.asarray(stream), cache, jnp.zeros((), jnp.int32))
-    prompt_len = jnp.asarray(p, jnp.int32)
+    # numpy scalars, not jnp: jit takes them as traced arguments without an eager dispatch each.
+    cache = engine.start(graphdef, state, stream[:, :prompt_bucket])
+    carry = engine.Carry(jnp.asarray(stream), cache, np.int32(0))
     for first in range(0, num_new, chunk_size):
         last = min(first + chunk_size, num_new)
-        carry = engine.advance(graphdef, state, carry, prompt_len, jnp.asarray(first, jnp.int32),
-                               jnp.asarray(last, jnp.int32), keys, params, keep=keep)
+        carry = engine.advance(graphdef, state, carry, np.int32(p), np.int32(first), np.int32(last),
+                               np.uint32(seed), params, keep=keep)
         # Copy out now: the next advance donates (reuses) the buffer.
         yield np.array(np.asarray(carry.stream)[:, p + first : p + last])
 

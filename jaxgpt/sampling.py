@@ -39,10 +39,10 @@ import numpy as np
 
 
 class SamplingParams(NamedTuple):
-    """Traced sampling parameters (scalar arrays; a pytree, so jit traces rather than hashes them).
+    """Traced sampling parameters (scalars; a pytree, so jit traces rather than hashes them).
 
     Attributes:
-      temperature: float32 `()`; 0 means greedy.
+      temperature: float32 `()` (numpy or jax); 0 means greedy.
       top_k: int32 `()`; vocab_size (or more) means no top-k filtering; 1 means greedy.
       top_p: float32 `()` in (0, 1]; 1 means no nucleus filtering.
     """
@@ -70,11 +70,8 @@ def make_params(temperature: float = 1.0, top_k: int | None = None, top_p: float
         if not 0.0 < top_p <= 1.0:  # also rejects NaN
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     k = vocab_size if top_k is None else min(int(top_k), vocab_size)
-    return SamplingParams(
-        jnp.asarray(temperature, jnp.float32),
-        jnp.asarray(k, jnp.int32),
-        jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
-    )
+    # numpy scalars: traced by jit like jax arrays, but built without an eager jax dispatch.
+    return SamplingParams(np.float32(temperature), np.int32(k), np.float32(1.0 if top_p is None else top_p))
 
 
 # ----------------------------------------------------------------------------- the draw
@@ -150,10 +147,13 @@ _sample_jit = jax.jit(sample)
 
 
 # ----------------------------------------------------------------------------- randomness
-def row_keys(seed: int, batch: int, first_row: int = 0) -> jax.Array:
-    """One key per row: fold_in(key(seed), row) for rows first_row..first_row+batch-1. `(B,)` keys."""
-    base = jax.random.key(seed)
-    return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(first_row, first_row + batch))
+def row_keys(seed, batch: int, first_row=0) -> jax.Array:
+    """One key per row: fold_in(key(seed), row) for rows first_row..first_row+batch-1. `(B,)` keys.
+
+    `seed` (< 2**32) and `first_row` may be traced; `batch` is static.
+    """
+    base = jax.random.key(jnp.asarray(seed, jnp.uint32))
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(first_row + jnp.arange(batch))
 
 
 def step_uniforms(keys: jax.Array, step) -> jax.Array:
