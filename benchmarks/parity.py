@@ -46,15 +46,17 @@ def run(models, suite, limits=None, progress=None) -> dict:
     graphdef, state = nnx.split(models.jax)
     forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
     rng = np.random.default_rng(1234)
-    worst, total = 0.0, 0.0
+    worst, total, scale = 0.0, 0.0, 0.0
     for _ in range(suite.parity_inputs):
         tokens = rng.integers(0, cfg.vocab_size, (4, c))
         with torch.no_grad():
             ref = models.reference(torch.from_numpy(tokens).to(dev)).cpu().numpy()
         diff = np.abs(np.asarray(forward(state, tokens.astype(np.int32))) - ref)
         worst, total = max(worst, float(diff.max())), total + float(diff.mean())
+        scale = max(scale, float(np.abs(ref).max()))
     out["logits"] = {"inputs": suite.parity_inputs, "shape": [4, c], "max_abs_diff": worst,
-                     "mean_abs_diff": total / suite.parity_inputs}
+                     "mean_abs_diff": total / suite.parity_inputs, "max_abs_logit": scale,
+                     "max_diff_relative_to_max_logit": worst / scale if scale else None}
 
     seed_context = np.zeros((1, 1), np.int64)
     # The long reference loops run at the thread count that is fastest here (numerics are the

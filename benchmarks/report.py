@@ -130,11 +130,12 @@ def markdown(doc: dict) -> str:
     if flops:
         lines += [f"- FLOPs per character: {flops['formula']}", f"  - {flops['summary']}"]
     p = doc["parity"]
-    if set(p) - {"weights"}:
+    if set(p) - {"weights"} or any("agreement" in r for r in doc["results"]):
         lines += ["", "## Parity (jaxgpt vs the notebook's torch model, same weights)", ""]
     if "logits" in p:
         lg = p["logits"]
-        lines.append(f"- logits: max |difference| {lg['max_abs_diff']:.2e} (mean {lg['mean_abs_diff']:.2e}) over "
+        scale = f", largest |logit| {lg['max_abs_logit']:.3g}" if lg.get("max_abs_logit") else ""
+        lines.append(f"- logits: max |difference| {lg['max_abs_diff']:.2e} (mean {lg['mean_abs_diff']:.2e}{scale}) over "
                      f"{lg['inputs']} random {tuple(lg['shape'])} inputs (all prefix lengths)")
     for key, label in (("greedy", "greedy tokens"), ("sampled", "sampled tokens (shared uniforms)"),
                        ("strided_vs_tuned_twin", "strided tokens vs the torch strided twin")):
@@ -142,6 +143,14 @@ def markdown(doc: dict) -> str:
             a = p[key]
             div = "never diverged" if a["first_divergence"] is None else f"first divergence at {a['first_divergence']}"
             lines.append(f"- {label}: {100 * a['agreement']:.2f}% of {a['tokens']} agree ({div})")
+    for r in doc["results"]:
+        a = r.get("agreement")
+        if isinstance(a, dict) and "grad_max_abs_diff" in a:
+            lines.append(f"- training step from identical weights, dropout off (batch {a.get('batch')}): loss |difference| "
+                         f"{a['loss_abs_diff']:.1e}, gradients max |difference| {a['grad_max_abs_diff']:.1e} "
+                         f"({'within' if a.get('ok') else 'OUTSIDE'} {a.get('grad_tolerance')}), weights after one "
+                         f"AdamW step {a.get('params_after_step_max_abs_diff_grad_ge_1e-6', float('nan')):.1e} "
+                         "(where |gradient| >= 1e-6)")
     if "tuned_vs_reference_max_abs_logit_diff" in p:
         lines.append(f"- tuned torch baseline vs the notebook model: max |logit difference| "
                      f"{p['tuned_vs_reference_max_abs_logit_diff']:.2e}")

@@ -70,7 +70,7 @@ class SuiteConfig:
     sampled_tokens: int = 1000
     sampled_rows: int = 2
     porting_reps: int = 10
-    compile_reps: int = 2
+    compile_reps: int = 3
     groups: tuple[str, ...] = GROUPS
 
     def __post_init__(self):
@@ -105,7 +105,7 @@ QUICK = SuiteConfig(
     sampled_tokens=400,
     sampled_rows=1,
     porting_reps=5,
-    compile_reps=1,
+    compile_reps=2,
 )
 
 TINY = SuiteConfig(

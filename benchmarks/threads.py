@@ -30,35 +30,45 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def probe_threads(work: Mapping[str, tuple[float, Callable[[], object]]], candidates, rounds: int = 3
-                  ) -> tuple[int, dict]:
+def probe_threads(work: Mapping[str, tuple[float, Callable[[], object]]], candidates, rounds: int = 2,
+                  grad: bool = False) -> tuple[int, dict]:
     """Times each unit of `work` at torch's default thread count and at each candidate.
 
     Args:
       work: label -> (weight, fn): `fn()` runs one unit (synchronously); a count's score is
         sum(weight * best time of fn) over the labels, i.e. the cost of a representative run.
+        Units of weight 0 are not run.
       candidates: thread counts to try besides the default.
-      rounds: timed rounds after one warm-up round; counts are interleaved within a round.
+      rounds: timed rounds after one warm-up round; counts are interleaved within a round. A
+        count over 3x slower than the best after the first timed round is not timed again
+        (on a busy machine a bad count can cost seconds per unit).
+      grad: run the units with autograd on (for training steps); default inference mode.
 
     Returns:
       (fastest thread count, {count: {label + "_s": best seconds, ..., "score_s": score}}).
     """
     import torch
 
+    work = {label: unit for label, unit in work.items() if unit[0] > 0}
     default = torch.get_num_threads()
     counts = [default] + [n for n in candidates if n != default]
     best = {n: {label: float("inf") for label in work} for n in counts}
-    with torch.inference_mode():
+    score = lambda n: sum(weight * best[n][label] for label, (weight, _) in work.items())
+    active = list(counts)
+    with contextlib.nullcontext() if grad else torch.inference_mode():
         for r in range(rounds + 1):
-            for n in counts:
+            for n in active:
                 with torch_threads(n):
                     for label, (_, fn) in work.items():
                         begin = time.perf_counter()
                         fn()
                         if r:  # round 0 warms up
                             best[n][label] = min(best[n][label], time.perf_counter() - begin)
+            if r == 1:
+                fastest = min(score(n) for n in active)
+                active = [n for n in active if score(n) <= 3 * fastest]
     figures = {}
     for n in counts:
         figures[n] = {f"{label}_s": t for label, t in best[n].items()}
-        figures[n]["score_s"] = sum(weight * best[n][label] for label, (weight, _) in work.items())
+        figures[n]["score_s"] = score(n)
     return min(counts, key=lambda n: figures[n]["score_s"]), figures
