@@ -49,7 +49,7 @@ class SuiteConfig:
     """
 
     model: GPTConfig = PUBLISHED
-    reps: int = 5
+    reps: int = 3
     warmup: int = 1
     gen_steps: int = 400
     gen_mark: int = 127
