@@ -38,7 +38,6 @@ from __future__ import annotations
 import os
 from typing import Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
