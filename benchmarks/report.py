@@ -68,10 +68,18 @@ def _pct(x) -> str:
     return "-" if x is None else (f"{100 * x:.2g}%" if x < 0.1 else f"{100 * x:.0f}%")
 
 
+def _bound(r) -> str:
+    if r.get("roofline_fraction") is None:
+        return "-"
+    kind = "memory" if r["memory_floor_s"] > r["flop_floor_s"] else "FLOPs"
+    return f"{_pct(r['roofline_fraction'])} ({kind})"
+
+
 def _results_table(rows) -> list[str]:
     lines = [
-        "| benchmark | implementation | batch | chars | median s | IQR s | chars/s | TTFC ms | GFLOP/s | FLOP floor |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| benchmark | implementation | batch | chars | median s | IQR s | chars/s | TTFC ms | GFLOP/s | FLOP floor "
+        "| roofline (bound) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         spread = r.get("spread", {})
@@ -84,7 +92,7 @@ def _results_table(rows) -> list[str]:
         lines.append(
             f"| {r['name']} | {impl} | {r['batch']} | {r['chars']} | {_fmt(r['seconds'])} | {_fmt(iqr, 2)} "
             f"| {_fmt(r.get('chars_per_s'))} | {_fmt(None if ttfc is None else 1000 * ttfc)} "
-            f"| {_fmt(r.get('achieved_gflops'))} | {_pct(r.get('floor_fraction'))} |"
+            f"| {_fmt(r.get('achieved_gflops'))} | {_pct(r.get('floor_fraction'))} | {_bound(r)} |"
         )
     return lines
 
@@ -111,7 +119,9 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['what']} | **{_fmt(r['ratio'])}x** | {span} |")
     lines += ["", "## Results", "", *_results_table(doc["results"]), ""]
     lines += ["Median over the measured rounds (warm-ups excluded); IQR = interquartile range; TTFC = time to "
-              "first character; FLOP floor = FLOPs / measured matmul peak, as a fraction of the median time.", ""]
+              "first character; FLOP floor = FLOPs / measured matmul peak, as a fraction of the median time; roofline = "
+              "the larger of the FLOP floor and the memory floor (weights read once per step / measured bandwidth) as "
+              "a fraction of the median time, and which of the two binds.", ""]
     compiles = [r for r in doc["results"] if "compile_s" in r]
     if compiles:
         lines += ["## Compilation (fresh process per measurement)", "",
