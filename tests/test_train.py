@@ -233,3 +233,19 @@ def test_resuming_with_other_settings_is_refused(split, uninterrupted):
         check_resumable(directory, CONFIG, TRAIN, {"text_sha256": "other"})
     # What only changes reporting may differ.
     assert check_resumable(directory, CONFIG, TRAIN.replace(eval_interval=7, log_interval=3)) == 40
+
+
+# ----------------------------------------------------------------------------- against torch
+@pytest.mark.parametrize("variant", ["drake", "learning"])
+def test_first_step_matches_the_notebook_models_torch_step(variant):
+    """Same weights, same batch, dropout off: loss, every gradient and the clipped AdamW update agree."""
+    pytest.importorskip("torch")
+    from benchmarks.train_step import agreement
+
+    result = agreement(GPT(CONFIG.replace(variant=variant), rngs=nnx.Rngs(5)), batch=4)
+    assert result["loss_abs_diff"] <= 1e-5
+    assert result["grad_max_abs_diff"] <= 1e-5 < result["grad_max_abs"]
+    assert result["params_after_step_max_abs_diff_grad_ge_1e-6"] <= 1e-6
+    # Where a gradient is ~ Adam's eps, float noise becomes a fraction of the learning rate.
+    assert result["params_after_step_max_abs_diff"] <= 0.1 * result["learning_rate"]
+    assert result["ok"]
