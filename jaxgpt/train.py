@@ -249,7 +249,9 @@ class _GracefulStop:
 
     def __enter__(self):
         if self._enabled:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            previous = signal.signal(signal.SIGINT, self._handler)
+            # None: a handler installed outside Python; fall back to Python's KeyboardInterrupt.
+            self._previous = previous if previous is not None else signal.default_int_handler
         return self
 
     def __exit__(self, *exc):
@@ -309,7 +311,10 @@ def fit(
     from tqdm.auto import tqdm
 
     mc: GPTConfig = model.config
+    was_training = model.training
     train_def, eval_def, params = split_modes(model)
+    if was_training:
+        model.train()
     params = jax.tree.map(jnp.copy, params)  # the step donates its inputs: keep the caller's model intact
     tx = make_optimizer(config)
     opt_state = tx.init(params)
