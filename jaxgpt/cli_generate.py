@@ -98,6 +98,22 @@ def generate_command(weights, vocab, prompt, num_chars, seed, temperature, top_k
                          chunk_size=STREAM_CHUNK if streaming else None, seed=seed, temperature=temperature,
                          top_k=top_k, top_p=top_p, mode=mode, stride=stride)
     loaded = time.perf_counter()
+    try:
+        first_chunk = _write_samples(chunks, batch, streaming)
+    except BrokenPipeError:  # e.g. `jaxgpt generate | head`: stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise click.exceptions.Exit(141) from None
+    done = time.perf_counter()
+    if not quiet:
+        # Leading newline on a terminal: the shell prompt must not follow the text on its line.
+        lead = "\n" if sys.stdout.isatty() else ""
+        print(f"{lead}jaxgpt: {batch * num_chars} characters in {done - loaded:.2f} s (the first after "
+              f"{first_chunk - loaded:.2f} s, compilation or compiled-code loading included; checkpoint "
+              f"loaded in {loaded - started:.2f} s)", file=sys.stderr)
+
+
+def _write_samples(chunks, batch: int, streaming: bool) -> float:
+    """Writes sample 1 (chunk by chunk when streaming), then the others; returns the first chunk's time."""
     first_chunk = None
     samples = [[] for _ in range(batch)]
     out = sys.stdout
@@ -113,13 +129,7 @@ def generate_command(weights, vocab, prompt, num_chars, seed, temperature, top_k
     for row in range(1, batch):
         out.write(_separator(row) + "".join(samples[row]))
     out.flush()
-    done = time.perf_counter()
-    if not quiet:
-        # Leading newline on a terminal: the shell prompt must not follow the text on its line.
-        lead = "\n" if sys.stdout.isatty() else ""
-        print(f"{lead}jaxgpt: {batch * num_chars} characters in {done - loaded:.2f} s "
-              f"(first chunk after {first_chunk - loaded:.2f} s, start-up {loaded - started:.2f} s)",
-              file=sys.stderr)
+    return first_chunk
 
 
 def register(app) -> None:
