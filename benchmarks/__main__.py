@@ -176,30 +176,19 @@ def _notes(suite, torch_threads, load_start, load_end, rows) -> list[str]:
     return notes
 
 
-def _train_at_best_threads(run):
-    """benchmarks.train_step.run (the training helper's; it times torch at the current thread
-    count) wrapped so that torch runs at the thread count a probe finds fastest for one
-    forward + backward of the notebook model on the same batch shape, like every other torch
-    side of the suite."""
+def _train_at_best_threads(module):
+    """`benchmarks.train_step.run` (the training helper's; it times torch at the current thread
+    count) wrapped so that torch runs at the thread count a probe finds fastest for the very
+    step it times (`train_step.speed_cases`), like every other torch side of the suite."""
 
     def wrapped(models, suite, limits, progress):
-        import copy
-
-        import torch
-
         from benchmarks.threads import probe_threads, torch_threads
 
         batch = 16 if suite.train_quick else 64  # the batch train_step.run times
-        model = copy.deepcopy(models.reference).train()
-        x = torch.zeros((batch, models.config.context_length), dtype=torch.long, device=models.torch_device)
-
-        def forward_backward():
-            model.zero_grad(set_to_none=True)
-            model(x).logsumexp(-1).mean().backward()
-
-        threads, probe = probe_threads({"forward_backward": (1, forward_backward)}, suite.torch_threads, grad=True)
+        step = module.speed_cases(models.jax, batch)["torch"]
+        threads, probe = probe_threads({"train_step": (1, lambda: step(False))}, suite.torch_threads, grad=True)
         with torch_threads(threads):
-            rows, ratios = run(models, suite, limits, progress)
+            rows, ratios = module.run(models, suite, limits, progress)
         for row in rows:
             if row["framework"] == "torch":
                 row.update(threads=threads, thread_probe={str(n): v for n, v in probe.items()})
@@ -238,7 +227,7 @@ def main(argv=None) -> int:
             if group in suite.groups:
                 progress(f"--- {group}")
                 module = __import__(f"benchmarks.{_MODULES[group]}", fromlist=["run"])
-                run = _train_at_best_threads(module.run) if group == "train" else module.run
+                run = _train_at_best_threads(module) if group == "train" else module.run
                 new_rows, new_ratios = run(models, suite, limits, progress)
                 rows += new_rows
                 ratios.update(new_ratios)
