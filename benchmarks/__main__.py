@@ -147,7 +147,8 @@ def _notes(suite, torch_threads, load_start, load_end, rows) -> list[str]:
         "on all sides alike; per-round ratios (min-max) show how stable each ratio is.",
         f"torch intra-op threads: {torch_threads} by default; every torch implementation (the notebook's too) "
         "runs at the thread count a short probe finds fastest for it on this machine (figures below; the "
-        "thread count is in each row's name or 'threads'). XLA CPU uses its default thread pool.",
+        "thread count is in each row's name or 'threads'); the tuned forward runs at every count. jaxgpt runs "
+        "at XLA's defaults (its CPU thread pool is not tuned).",
         f"Machine load average (1 min) at start {load_start:.2f}, at end {load_end:.2f}: other processes were "
         "running; absolute figures move with them, ratios much less.",
         "All implementations use the same weights (one weights.pt): the notebook model, the tuned torch model "
