@@ -35,6 +35,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
     parent = _check_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     os.close(fd)
+    # mkstemp creates the file 0600; give the result the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         os.replace(tmp, path)
