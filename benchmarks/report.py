@@ -199,8 +199,10 @@ def plot(doc: dict, path: str) -> None:
     ax.set_yticks(list(ys))
     ax.set_yticklabels([w if len(w) < 90 else w[:87] + "..." for w, _, _ in items], fontsize=8)
     ax.invert_yaxis()
-    for y, x in zip(ys, values):
-        ax.text(x, y, f" {x:.3g}x", va="center", fontsize=8)
+    for y, x, hi in zip(ys, values, highs):
+        ax.text((x + hi) * 1.08, y, f"{x:.3g}x", va="center", fontsize=8)  # right of the whisker
+    right = max((x + hi) for x, hi in zip(values, highs)) if values else 1.0
+    ax.set_xlim(right=right * 2.2)
     ax.set_xlabel("torch time / jaxgpt time (log scale; > 1: jaxgpt faster); whiskers: per-round min-max")
     ax.set_title(f"jaxgpt vs torch on {doc['device']}", fontsize=10)
     fig.tight_layout()
