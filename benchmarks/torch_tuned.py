@@ -183,6 +183,13 @@ class TunedGPT(nn.Module):
         return [(torch.zeros(shape, device=device), torch.zeros(shape, device=device)) for _ in range(c.num_blocks)]
 
 
+def _fresh(x):
+    """A copy with standard strides. A slice of the token buffer has strides that depend on
+    the buffer's width (num_new); torch.compile guards on strides and would recompile for
+    every new length."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 class TunedGenerator:
     """Notebook-semantics generation with `TunedGPT`, eager or `torch.compile`d.
 
@@ -232,17 +239,17 @@ class TunedGenerator:
         buf[:, :t0] = context
         caches = m.new_caches(b, context.device)
         if t0 > 1:  # prefill the prompt's first T0-1 positions; the last one goes through a step
-            self._window(buf[:, : t0 - 1], caches)
+            self._window(_fresh(buf[:, : t0 - 1]), caches)
         base = 0
         for s in range(num_new):
             length = t0 + s
             if length - base > c:
                 base = length - keep
                 # Exact mode never reads the cache again, so it is not refilled there.
-                logits = self._window(buf[:, base:length], caches if keep < c else None)
+                logits = self._window(_fresh(buf[:, base:length]), caches if keep < c else None)
             else:
                 pos = torch.tensor([length - 1 - base], device=context.device)
-                logits = self._step(buf[:, length - 1 : length], pos, caches)
+                logits = self._step(_fresh(buf[:, length - 1 : length]), pos, caches)
             if uniforms is None:
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
             else:
