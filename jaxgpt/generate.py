@@ -17,7 +17,12 @@ Modes:
     mode is the special case stride = 1), so the text differs from the notebook's once the
     window is full, and its per-character loss is slightly worse; in exchange only one step
     in `stride` pays for a full forward pass. The default stride is C // 2.
-    benchmarks/results/strided_quality.md records the measured loss and speed per stride.
+    Measured (benchmarks/results/strided_quality.md: trained default checkpoint, 4,096
+    held-out characters, teacher-forced with each mode's windowing; 2,000 generated
+    characters, CPU): exact 1.5828 nats/char at 36.6 chars/s; stride 64 (the default)
+    +0.0019 +- 0.0031 nats, 14.9x faster; strides 8..96 all cost <= 0.003 nats (within two
+    standard errors of zero) for 4.8x..14.9x; stride 112 +0.0085, stride 128 (keep one
+    token) +0.025. Past stride 64 the cached steps dominate and the speed stops growing.
     (The lead's brief kept C - stride tokens; keeping C + 1 - stride instead makes stride = 1
     identical to exact mode, which the tests use as a check.)
 
