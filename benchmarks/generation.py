@@ -6,9 +6,10 @@ growing-context mark and the moment the window fills); jaxgpt runs one compiled 
 length (`generate_tokens(num_new=1)` is its time to first character: prefill + one step +
 host round trip, warm).
 
-Both torch sides run at the intra-op thread count a short probe finds fastest for each
-batch size (`benchmarks.threads`; on a small busy CPU one thread can be several times faster
-than torch's default for these small matmuls); the probe's figures go into the rows.
+Both torch sides run at every intra-op thread count that a short probe finds within 2x of
+the fastest for each batch size (`benchmarks.threads`; on a small busy CPU one thread can be
+many times faster than torch's default for these small matmuls, on a quiet one slower), and
+each ratio takes the fastest median; the probe's figures go into the rows.
 
 The notebook loop at 5000 characters would take many minutes per repetition; its cost per
 character is constant once the window is full (every step is the same (B, C) forward), so
@@ -36,15 +37,20 @@ class Tuned:
 
     def name(self, strided: bool = False) -> str:
         kind = "compiled" if self.generator.compiled else "eager"
-        return f"torch tuned{' strided' if strided else ''} {kind}, {self.threads} thread{'s' if self.threads > 1 else ''}"
+        return f"torch tuned{' strided' if strided else ''} {kind}, {_threads(self.threads)}"
 
 
 def _probe(models, suite, batch: int, steps: int) -> tuple[dict, dict]:
-    """Fastest thread counts for the notebook model and the tuned model at this batch size.
+    """Thread counts worth measuring for the notebook model and the tuned model at this batch.
 
     Each count is scored by a representative run of `steps` characters: min(steps, C)
     growing-context steps (the notebook re-encodes about C/2 tokens for each, the tuned model
-    does one cached step) and max(steps - C, 0) full-window steps.
+    does one cached step) and max(steps - C, 0) full-window steps. Counts within 2x of the
+    best score are all measured (a one-shot probe cannot be trusted closer than that on a busy
+    machine; the fastest median then decides); slower ones are dropped and only reported.
+
+    Returns:
+      ({"counts": [...], "probe": {count: figures}} for the notebook, the same for tuned).
     """
     import torch
 
@@ -61,15 +67,25 @@ def _probe(models, suite, batch: int, steps: int) -> tuple[dict, dict]:
     tu = probe_threads({"window": (full, lambda: tuned.window_last(tokens).cpu()),
                         "cached_step": (grow, lambda: tuned.step(tokens[:, :1], pos, caches).cpu())},
                        suite.torch_threads)
-    as_extra = lambda probe: {"threads": probe[0], "thread_probe": {str(n): v for n, v in probe[1].items()}}
-    return as_extra(nb), as_extra(tu)
+
+    def viable(probe):
+        best, figures = probe
+        limit = 2 * figures[best]["score_s"]
+        counts = [best] + [n for n, f in figures.items() if n != best and f["score_s"] <= limit]
+        return {"counts": counts, "probe": {str(n): f for n, f in figures.items()}}
+
+    return viable(nb), viable(tu)
 
 
-def _tuned_variants(suite, batch: int, threads: int, generators) -> list[Tuned]:
-    """The tuned baseline at the probe's thread count: eager, and compiled where asked."""
-    variants = [Tuned(generators[False], threads)]
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' if n > 1 else ''}"
+
+
+def _tuned_variants(suite, batch: int, counts, generators) -> list[Tuned]:
+    """The tuned baseline, eager at each viable thread count; compiled at the best one where asked."""
+    variants = [Tuned(generators[False], n) for n in counts]
     if batch in suite.compile_torch_batches:
-        variants.append(Tuned(generators[True], threads))
+        variants.append(Tuned(generators[True], counts[0]))
     return variants
 
 
@@ -160,7 +176,7 @@ class _Group:
 
     def __init__(self, models, suite, limits):
         self.models, self.suite, self.limits = models, suite, limits
-        self.cases, self.measured, self.extra, self.nb_extra = {}, {}, {}, {}
+        self.cases, self.measured, self.tuned_probe, self.nb_probe = {}, {}, {}, {}
 
     def run(self, progress):
         self.measured = interleave(self.cases, self.suite.reps, self.suite.warmup, progress)
@@ -177,9 +193,9 @@ class _Group:
         if keep is not None:
             r["keep"] = keep
         if impl.startswith("torch tuned"):
-            r.update(self.extra)
-        elif impl == NOTEBOOK:
-            r.update(self.nb_extra)
+            r["thread_probe"] = self.tuned_probe
+        elif impl.startswith(NOTEBOOK):
+            r["thread_probe"] = self.nb_probe
         cfg = self.models.config
         flops = roofline.flops_generation(cfg, batch, 1, steps, keep)
         return roofline.annotate(r, flops, steps * roofline.weight_bytes(cfg), self.limits)
@@ -196,39 +212,20 @@ class _Group:
         return {"what": what, **out}
 
 
-def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
-    """Runs the generation benchmarks.
-
-    Args:
-      models: `benchmarks.models.Models`.
-      suite: `benchmarks.settings.SuiteConfig`.
-      limits: measured `DeviceLimits` (adds floor fractions), or None.
-      progress: callback for progress lines.
-
-    Returns:
-      (result rows, ratios). A ratio is torch time / jaxgpt time (> 1: jaxgpt is faster); the
-      tuned side of a ratio is the fastest tuned variant of that group (the strongest baseline).
-    """
-    from benchmarks.torch_tuned import TunedGenerator
-    from jaxgpt.generate import default_stride
-
+def _batch_one(models, suite, limits, progress, generators, stride, keep) -> tuple[list[dict], dict]:
+    """Batch 1: growing context (the `gen_mark` mark), exact `gen_steps`, strided `strided_steps`."""
     c = models.config.context_length
-    stride = suite.stride or default_stride(c)
-    keep = c + 1 - stride
-    generators = {False: TunedGenerator(models.tuned), True: None}
-    if suite.compile_torch_batches:
-        generators[True] = TunedGenerator(models.tuned, compile=True)
-    rows, ratios = [], {}
-
-    # --- batch 1: growing context, exact, strided ---------------------------------------------
     n, mark, long = suite.gen_steps, suite.gen_mark, suite.strided_steps
     nb = suite.notebook_steps or n  # the notebook loop's measured length
     marks = tuple(sorted({mark, min(c, nb)}))
     g = _Group(models, suite, limits)
     progress and progress("probing torch thread counts (batch 1)")
-    g.nb_extra, g.extra = _probe(models, suite, 1, n)
-    g.cases[NOTEBOOK] = _notebook_case(models, 1, nb, marks, g.nb_extra["threads"])
-    tuned = _tuned_variants(suite, 1, g.extra["threads"], generators)
+    nb_probe, tu_probe = _probe(models, suite, 1, n)
+    g.nb_probe, g.tuned_probe = nb_probe["probe"], tu_probe["probe"]
+    notebooks = [f"{NOTEBOOK}, {_threads(t)}" for t in nb_probe["counts"]]
+    for name, t in zip(notebooks, nb_probe["counts"]):
+        g.cases[name] = _notebook_case(models, 1, nb, marks, t)
+    tuned = _tuned_variants(suite, 1, tu_probe["counts"], generators)
     for v in tuned:
         g.cases[v.name()] = _tuned_case(models, v, 1, n, marks, None)
         if suite.strided_twin_b1:
@@ -239,87 +236,128 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
     g.cases[JAX_STRIDED] = _jax_case(models.jax, 1, long, "strided", stride)
     g.run(progress)
 
-    jax_ttfc = g.median("jax ttfc")
-    rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, mark, key=f"t{mark}"))
-    nb_key = "seconds"
-    if nb < n:
-        nb_key = f"t{n}_extrapolated"
-        _extrapolate(g.measured[NOTEBOOK].runs, nb, c, n, nb_key)
-        rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, n, key=nb_key, extrapolated=True,
-                          extrapolated_from=f"{nb} measured characters (window full after {c})"))
-    else:
-        rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, n))
+    rows, ratios = [], {}
+    # The notebook's longer lengths: measured, or extrapolated from the window-full regime.
+    nb_key, ext = "seconds", f"t{long}_extrapolated"
+    for name in notebooks:
+        rows.append(g.row(name, name, 1, mark, key=f"t{mark}"))
+        how = dict(extrapolated=True, extrapolated_from=f"{nb} measured characters (window full after {c})")
+        if nb < n:
+            nb_key = f"t{n}_extrapolated"
+            _extrapolate(g.measured[name].runs, nb, c, n, nb_key)
+            rows.append(g.row(name, name, 1, n, key=nb_key, **how))
+        else:
+            rows.append(g.row(name, name, 1, n))
+        if nb > c:
+            _extrapolate(g.measured[name].runs, nb, c, long, ext)
+            rows.append(g.row(name, name, 1, long, key=ext, **how))
     for v in tuned:
         rows.append(g.row(v.name(), v.name(), 1, mark, key=f"t{mark}"))
         rows.append(g.row(v.name(), v.name(), 1, n))
         if suite.strided_twin_b1:
             rows.append(g.row(v.name(True), v.name(True), 1, long, keep=keep, stride=stride))
+    jax_ttfc = g.median("jax ttfc")
     rows.append(g.row("jax mark", JAX_EXACT, 1, mark, ttfc_s=jax_ttfc))
     rows.append(g.row(JAX_EXACT, JAX_EXACT, 1, n, ttfc_s=jax_ttfc))
     rows.append(g.row(JAX_STRIDED, JAX_STRIDED, 1, long, keep=keep, stride=stride, ttfc_s=jax_ttfc))
-    if nb > c:
-        ext = f"t{long}_extrapolated"
-        _extrapolate(g.measured[NOTEBOOK].runs, nb, c, long, ext)
-        rows.append(g.row(NOTEBOOK, NOTEBOOK, 1, long, key=ext, extrapolated=True,
-                          extrapolated_from=f"{nb} measured characters (window full after {c})"))
-        ratios[f"gen_b1_{long}_strided_vs_notebook"] = g.ratio(
-            NOTEBOOK, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs the notebook loop (extrapolated)", ext)
-    best = g.fastest([v.name() for v in tuned], f"t{mark}")
+
+    best_nb = g.fastest(notebooks, nb_key)
+    extrapolated = " (extrapolated)" if nb < n else ""
     ratios[f"gen_b1_{mark}_exact_vs_notebook"] = g.ratio(
-        NOTEBOOK, "jax mark", f"batch 1, first {mark} chars (growing context): jaxgpt exact vs the notebook loop",
+        best_nb, "jax mark", f"batch 1, first {mark} chars (growing context): jaxgpt exact vs the {best_nb}",
         f"t{mark}")
     ratios[f"gen_b1_{n}_exact_vs_notebook"] = g.ratio(
-        NOTEBOOK, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs the notebook loop"
-        + (" (extrapolated)" if nb < n else ""), nb_key)
+        best_nb, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs the {best_nb}{extrapolated}", nb_key)
+    if nb > c:
+        ratios[f"gen_b1_{long}_strided_vs_notebook"] = g.ratio(
+            best_nb, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs the {best_nb} (extrapolated)", ext)
+    best = g.fastest([v.name() for v in tuned], f"t{mark}")
     ratios[f"gen_b1_{mark}_exact_vs_tuned"] = g.ratio(
         best, "jax mark", f"batch 1, first {mark} chars: jaxgpt exact vs {best}", f"t{mark}")
     best = g.fastest([v.name() for v in tuned])
     ratios[f"gen_b1_{n}_exact_vs_tuned"] = g.ratio(best, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs {best}")
     if suite.strided_twin_b1:
-        best_strided = g.fastest([v.name(True) for v in tuned])
+        best = g.fastest([v.name(True) for v in tuned])
         ratios[f"gen_b1_{long}_strided_vs_tuned_strided"] = g.ratio(
-            best_strided, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs {best_strided} (same algorithm)")
+            best, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs {best} (same algorithm)")
     best = g.fastest([v.name() for v in tuned], "ttfc")
-    ratios["ttfc_b1_vs_tuned"] = g.ratio(
-        best, "jax ttfc", f"batch 1 time to first character: jaxgpt vs {best}", "ttfc")
+    ratios["ttfc_b1_vs_tuned"] = g.ratio(best, "jax ttfc", f"batch 1 time to first character: jaxgpt vs {best}",
+                                         "ttfc")
+    return rows, ratios
 
-    # --- larger batches -----------------------------------------------------------------------
+
+def _batched(models, suite, limits, progress, generators, stride, keep, batch, steps) -> tuple[list[dict], dict]:
+    """Batch > 1: `steps` characters per row, exact (and strided when the window overflows)."""
+    c = models.config.context_length
+    g = _Group(models, suite, limits)
+    marks = (min(c, steps),)
+    overflow = steps > c  # strided differs from exact only once the window overflows
+    progress and progress(f"probing torch thread counts (batch {batch})")
+    nb_probe, tu_probe = _probe(models, suite, batch, steps)
+    g.nb_probe, g.tuned_probe = nb_probe["probe"], tu_probe["probe"]
+    notebooks = [f"{NOTEBOOK}, {_threads(t)}" for t in nb_probe["counts"]]
+    for name, t in zip(notebooks, nb_probe["counts"]):
+        g.cases[name] = _notebook_case(models, batch, steps, marks, t)
+    tuned = _tuned_variants(suite, batch, tu_probe["counts"], generators)
+    for v in tuned:
+        g.cases[v.name()] = _tuned_case(models, v, batch, steps, marks, None)
+        if overflow:
+            g.cases[v.name(True)] = _tuned_case(models, v, batch, steps, (), keep)
+    g.cases["jax ttfc"] = _jax_case(models.jax, batch, 1, "exact", None)
+    g.cases[JAX_EXACT] = _jax_case(models.jax, batch, steps, "exact", None)
+    if overflow:
+        g.cases[JAX_STRIDED] = _jax_case(models.jax, batch, steps, "strided", stride)
+    g.run(progress)
+
+    rows, ratios = [], {}
+    jax_ttfc = g.median("jax ttfc")
+    rows += [g.row(name, name, batch, steps) for name in notebooks]
+    for v in tuned:
+        rows.append(g.row(v.name(), v.name(), batch, steps))
+        if overflow:
+            rows.append(g.row(v.name(True), v.name(True), batch, steps, keep=keep, stride=stride))
+    rows.append(g.row(JAX_EXACT, JAX_EXACT, batch, steps, ttfc_s=jax_ttfc))
+    what = f"batch {batch}, {steps} chars per row"
+    best_nb, best = g.fastest(notebooks), g.fastest([v.name() for v in tuned])
+    ratios[f"gen_b{batch}_{steps}_exact_vs_notebook"] = g.ratio(best_nb, JAX_EXACT,
+                                                                f"{what}: jaxgpt exact vs the {best_nb}")
+    ratios[f"gen_b{batch}_{steps}_exact_vs_tuned"] = g.ratio(best, JAX_EXACT, f"{what}: jaxgpt exact vs {best}")
+    best = g.fastest([v.name() for v in tuned], "ttfc")
+    ratios[f"ttfc_b{batch}_vs_tuned"] = g.ratio(
+        best, "jax ttfc", f"batch {batch} time to first character: jaxgpt vs {best}", "ttfc")
+    if overflow:
+        rows.append(g.row(JAX_STRIDED, JAX_STRIDED, batch, steps, keep=keep, stride=stride, ttfc_s=jax_ttfc))
+        best = g.fastest([v.name(True) for v in tuned])
+        ratios[f"gen_b{batch}_{steps}_strided_vs_tuned_strided"] = g.ratio(
+            best, JAX_STRIDED, f"{what}: jaxgpt strided vs {best} (same algorithm)")
+    return rows, ratios
+
+
+def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
+    """Runs the generation benchmarks.
+
+    Args:
+      models: `benchmarks.models.Models`.
+      suite: `benchmarks.settings.SuiteConfig`.
+      limits: measured `DeviceLimits` (adds floor fractions), or None.
+      progress: callback for progress lines.
+
+    Returns:
+      (result rows, ratios). A ratio is torch time / jaxgpt time (> 1: jaxgpt is faster); its
+      torch side is the fastest measured variant (thread count, eager/compiled) of that group.
+    """
+    from benchmarks.torch_tuned import TunedGenerator
+    from jaxgpt.generate import default_stride
+
+    c = models.config.context_length
+    stride = suite.stride or default_stride(c)
+    keep = c + 1 - stride
+    generators = {False: TunedGenerator(models.tuned), True: None}
+    if suite.compile_torch_batches:
+        generators[True] = TunedGenerator(models.tuned, compile=True)
+    rows, ratios = _batch_one(models, suite, limits, progress, generators, stride, keep)
     for batch, steps in suite.batch_steps:
-        g = _Group(models, suite, limits)
-        marks = (min(c, steps),)
-        overflow = steps > c  # strided differs from exact only once the window overflows
-        progress and progress(f"probing torch thread counts (batch {batch})")
-        g.nb_extra, g.extra = _probe(models, suite, batch, steps)
-        tuned = _tuned_variants(suite, batch, g.extra["threads"], generators)
-        g.cases[NOTEBOOK] = _notebook_case(models, batch, steps, marks, g.nb_extra["threads"])
-        for v in tuned:
-            g.cases[v.name()] = _tuned_case(models, v, batch, steps, marks, None)
-            if overflow:
-                g.cases[v.name(True)] = _tuned_case(models, v, batch, steps, (), keep)
-        g.cases["jax ttfc"] = _jax_case(models.jax, batch, 1, "exact", None)
-        g.cases[JAX_EXACT] = _jax_case(models.jax, batch, steps, "exact", None)
-        if overflow:
-            g.cases[JAX_STRIDED] = _jax_case(models.jax, batch, steps, "strided", stride)
-        g.run(progress)
-
-        jax_ttfc = g.median("jax ttfc")
-        rows.append(g.row(NOTEBOOK, NOTEBOOK, batch, steps))
-        for v in tuned:
-            rows.append(g.row(v.name(), v.name(), batch, steps))
-            if overflow:
-                rows.append(g.row(v.name(True), v.name(True), batch, steps, keep=keep, stride=stride))
-        rows.append(g.row(JAX_EXACT, JAX_EXACT, batch, steps, ttfc_s=jax_ttfc))
-        best = g.fastest([v.name() for v in tuned])
-        ratios[f"gen_b{batch}_{steps}_exact_vs_notebook"] = g.ratio(
-            NOTEBOOK, JAX_EXACT, f"batch {batch}, {steps} chars per row: jaxgpt exact vs the notebook loop")
-        ratios[f"gen_b{batch}_{steps}_exact_vs_tuned"] = g.ratio(
-            best, JAX_EXACT, f"batch {batch}, {steps} chars per row: jaxgpt exact vs {best}")
-        best = g.fastest([v.name() for v in tuned], "ttfc")
-        ratios[f"ttfc_b{batch}_vs_tuned"] = g.ratio(
-            best, "jax ttfc", f"batch {batch} time to first character: jaxgpt vs {best}", "ttfc")
-        if overflow:
-            rows.append(g.row(JAX_STRIDED, JAX_STRIDED, batch, steps, keep=keep, stride=stride, ttfc_s=jax_ttfc))
-            best = g.fastest([v.name(True) for v in tuned])
-            ratios[f"gen_b{batch}_{steps}_strided_vs_tuned_strided"] = g.ratio(
-                best, JAX_STRIDED, f"batch {batch}, {steps} chars per row: jaxgpt strided vs {best} (same algorithm)")
+        more_rows, more_ratios = _batched(models, suite, limits, progress, generators, stride, keep, batch, steps)
+        rows += more_rows
+        ratios.update(more_ratios)
     return rows, ratios
