@@ -91,7 +91,7 @@ class Attention(nnx.Module):
             self.out_kernel = None
             self.out_bias = None
 
-    def __call__(self, x, positions, cache: LayerCache | None = None, start=0):
+    def __call__(self, x, positions, cache: LayerCache | None = None, start=0, last_only=False):
         """Attends each query to the keys at positions <= its own.
 
         Args:
@@ -100,9 +100,12 @@ class Attention(nnx.Module):
           cache: optional `LayerCache`; the new keys and values are written at `start` and the
             queries attend to the whole cache (positions beyond them are masked).
           start: first position of `x` in the cache (traced int allowed).
+          last_only: query with the last position only (keys and values still come from, and
+            are cached for, every position).
 
         Returns:
-          `(B, T, D)` attention output, and the updated `LayerCache` (or None without cache).
+          `(B, T, D)` attention output (`(B, 1, D)` with last_only), and the updated
+          `LayerCache` (or None without cache).
         """
         w = self.qkv[...]
         qkv = _project(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:2], *w.shape[1:])  # (B, T, 3, H, K)
@@ -114,6 +117,8 @@ class Attention(nnx.Module):
             key_positions = jnp.arange(k.shape[1])  # (S,) = (C,)
         else:
             key_positions = positions
+        if last_only:
+            q, positions = q[:, -1:], positions[-1:]  # (B, 1, H, K), (1,)
         scores = jnp.einsum("bthk,bshk->bhts", q, k) / math.sqrt(self.head_size)  # (B, H, T, S)
         causal = key_positions[None, :] <= positions[:, None]  # (T, S)
         scores = jnp.where(causal, scores, -jnp.inf)
@@ -156,11 +161,12 @@ class Block(nnx.Module):
         )
         self.mlp_dropout = nnx.Dropout(config.dropout, deterministic=True)
 
-    def __call__(self, x, positions, cache=None, start=0, rngs=None):
-        a, cache = self.attention(self.norm1(x), positions, cache, start)
+    def __call__(self, x, positions, cache=None, start=0, rngs=None, last_only=False):
+        """`(B, T, D)` -> `(B, T, D)`, or `(B, 1, D)` for the last position only with last_only."""
+        a, cache = self.attention(self.norm1(x), positions, cache, start, last_only)
         if self.attention_dropout is not None:
             a = self.attention_dropout(a, rngs=rngs)
-        x = x + a
+        x = (x[:, -1:] if last_only else x) + a
         x = x + self.mlp_dropout(self.mlp(self.norm2(x)), rngs=rngs)
         return x, cache
 
@@ -200,8 +206,9 @@ class GPT(nnx.Module):
             `start` and the queries attend to every cached position up to their own.
           start: position of `tokens[:, 0]` (a traced int is fine; must be 0 without cache).
           rngs: dropout randomness (training mode only).
-          last_only: return logits of the last position only, `(B, 1, V)`: the final norm and
-            the vocabulary projection are then skipped for the other positions.
+          last_only: return logits of the last position only, `(B, 1, V)`: the last block's
+            queries and MLP, the final norm and the vocabulary projection are then skipped for
+            the other positions (the cache is still written for all of them).
 
         Returns:
           logits `(B, T, V)` (or `(B, 1, V)`), and the updated cache (None without one).
@@ -221,11 +228,14 @@ class GPT(nnx.Module):
         positions = start + jnp.arange(t)  # (T,)
         x = self.token_embedding(tokens) + self.pos_embedding(positions)[None]  # (B, T, D)
         new_cache = []
+        last_block = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, positions, None if cache is None else cache[i], start, rngs)
+            # With last_only the final block's queries, attention output and MLP run for the
+            # last position alone (~14% of a full-window step at the published config); every
+            # earlier block must still run for all positions, whose keys and values it needs.
+            x, layer_cache = block(x, positions, None if cache is None else cache[i], start, rngs,
+                                   last_only=last_only and i == last_block)
             new_cache.append(layer_cache)
-        if last_only:
-            x = x[:, -1:]
         logits = self.vocab_projection(self.final_norm(x))  # (B, T, V)
         return logits, (tuple(new_cache) if cache is not None else None)
 

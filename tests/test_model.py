@@ -171,3 +171,22 @@ def test_kv_cache_matches_the_full_forward():
     for t in range(3, 8):
         logits, cache = step(state, tokens[:, t : t + 1], cache, t)
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["drake", "learning"])
+def test_last_only_gives_the_last_logits_and_the_same_cache(variant):
+    config = GPTConfig(vocab_size=9, context_length=8, model_dim=12, num_blocks=2, num_heads=3, variant=variant)
+    model = model_from_params(random_params(config, 6), config)
+    tokens = np.random.default_rng(6).integers(0, 9, size=(2, 6))
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda s, t, c, last_only: nnx.merge(graphdef, s).forward(t, c, 0, last_only=last_only),
+                  static_argnums=3)
+    full, full_cache = run(state, tokens, init_cache(config, 2), False)
+    last, last_cache = run(state, tokens, init_cache(config, 2), True)
+    assert last.shape == (2, 1, 9)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full)[:, -1:], rtol=0, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(full_cache), jax.tree.leaves(last_cache)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Without a cache too (the causal mask must then use the query's true position).
+    last_nocache, _ = jax.jit(lambda s, t: nnx.merge(graphdef, s).forward(t, last_only=True))(state, tokens)
+    np.testing.assert_allclose(np.asarray(last_nocache), np.asarray(full)[:, -1:], rtol=0, atol=1e-5)
