@@ -28,16 +28,21 @@ _init = nnx.initializers.normal(stddev=0.02)
 class LayerCache(NamedTuple):
     """Keys and values of one block for every position of the context window."""
 
-    k: jax.Array  # (B, C, H, K)
-    v: jax.Array  # (B, C, H, K)
+    k: jax.Array  # (B, H, C, K)
+    v: jax.Array  # (B, H, C, K)
 
 
 KVCache = tuple[LayerCache, ...]  # one LayerCache per block
 
 
 def init_cache(config: GPTConfig, batch: int, dtype=jnp.float32) -> KVCache:
-    """An all-zero cache `(B, context_length, H, K)` per block; zeros are masked out until written."""
-    shape = (batch, config.context_length, config.num_heads, config.head_size)
+    """An all-zero cache `(B, H, context_length, K)` per block; zeros are masked out until written.
+
+    Heads lead the position axis so that attention's (B, H) batch dimensions come first, as XLA's
+    dot wants them: with `(B, C, H, K)` XLA:CPU transposed every block's whole cache on every
+    decode step (benchmarks/profile_decode.py measured it).
+    """
+    shape = (batch, config.num_heads, config.context_length, config.head_size)
     return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_blocks))
 
 
@@ -109,21 +114,22 @@ class Attention(nnx.Module):
         """
         w = self.qkv[...]
         qkv = _project(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:2], *w.shape[1:])  # (B, T, 3, H, K)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, K) each
+        q = qkv[:, :, 0]  # (B, T, H, K)
+        k, v = qkv[:, :, 1].transpose(0, 2, 1, 3), qkv[:, :, 2].transpose(0, 2, 1, 3)  # (B, H, T, K)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, start, 0, 0))
-            cache = LayerCache(k, v)
-            key_positions = jnp.arange(k.shape[1])  # (S,) = (C,)
+            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, start, 0))
+            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, start, 0))
+            cache = LayerCache(k, v)  # (B, H, C, K) each
+            key_positions = jnp.arange(k.shape[2])  # (S,) = (C,)
         else:
             key_positions = positions
         if last_only:
             q, positions = q[:, -1:], positions[-1:]  # (B, 1, H, K), (1,)
-        scores = jnp.einsum("bthk,bshk->bhts", q, k) / math.sqrt(self.head_size)  # (B, H, T, S)
+        scores = jnp.einsum("bthk,bhsk->bhts", q, k) / math.sqrt(self.head_size)  # (B, H, T, S)
         causal = key_positions[None, :] <= positions[:, None]  # (T, S)
         scores = jnp.where(causal, scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1)
-        heads = jnp.einsum("bhts,bshk->bthk", probs, v)  # (B, T, H, K)
+        heads = jnp.einsum("bhts,bhsk->bthk", probs, v)  # (B, T, H, K)
         if self.out_kernel is None:  # "learning": concat_j head_j goes straight to the residual
             out = heads.reshape(*heads.shape[:2], -1)  # (B, T, D)
         else:
