@@ -57,9 +57,12 @@ def _separator(index: int) -> str:
               help="exact: the notebook's loop; strided: drop --stride tokens at once when the window is full (faster).")
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Strided mode only [default: context_length // 2].")
 @click.option("--stream/--no-stream", default=None, help="Print chunk by chunk [default: when stdout is a terminal].")
+@click.option("--devices", type=click.IntRange(min=1), default=None,
+              help="Split the --batch samples over the first N local devices [default: all; 1: one device]; "
+              "the text does not depend on it.")
 @click.option("-q", "--quiet", is_flag=True, help="No diagnostics on stderr.")
 def generate_command(weights, vocab, prompt, num_chars, seed, temperature, top_k, top_p, batch, mode, stride,
-                     stream, quiet) -> None:
+                     stream, devices, quiet) -> None:
     """Generate text with the notebook's sampling loop, compiled."""
     from jaxgpt import compile_cache
 
@@ -88,6 +91,11 @@ def generate_command(weights, vocab, prompt, num_chars, seed, temperature, top_k
         raise CLIError(f"--prompt: characters not in the vocabulary: {', '.join(repr(c) for c in unknown[:10])}")
     if stride is not None and not 1 <= stride <= config.context_length:
         raise CLIError(f"--stride must be in 1..{config.context_length} (the checkpoint's context_length), got {stride}")
+    if devices is not None:
+        import jax
+
+        if devices > jax.local_device_count():
+            raise CLIError(f"--devices {devices}: only {jax.local_device_count()} local devices are visible")
 
     streaming = sys.stdout.isatty() if stream is None else stream
     if not quiet:
@@ -96,7 +104,7 @@ def generate_command(weights, vocab, prompt, num_chars, seed, temperature, top_k
               + ("" if cache else " (no compilation cache)"), file=sys.stderr)
     chunks = stream_text(model, prompt, num_chars, batch=batch, vocab=characters,
                          chunk_size=STREAM_CHUNK if streaming else None, seed=seed, temperature=temperature,
-                         top_k=top_k, top_p=top_p, mode=mode, stride=stride)
+                         top_k=top_k, top_p=top_p, mode=mode, stride=stride, devices=devices)
     loaded = time.perf_counter()
     try:
         first_chunk = _write_samples(chunks, batch, streaming)

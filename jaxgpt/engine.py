@@ -27,6 +27,9 @@ range are traced too. A compilation happens once per distinct
   - prompt bucket (`start`) and stream length (`advance`; generate.py makes it
     max(C, prompt bucket + num_new bucket)),
   - `keep` (mode and stride),
+  - placement: the devices and shardings of the inputs (generate.py passes the parameters
+    replicated and the stream split by rows over a data mesh, jaxgpt/sharding.py; XLA then
+    partitions both functions, and the carry comes back split the same way),
 and never for a new seed, temperature, top_k, top_p, prompt content, prompt length within its
 bucket, num_new within its bucket, or chunking. `TRACE_COUNTS` counts traces (one per
 compilation) so tests can prove it.

@@ -32,10 +32,19 @@ so rows are independent, a row's text does not depend on the batch size or on ch
 sampling rule). The model's own numerics follow the reference to ~1e-6, so a torch loop fed
 these uniforms produces the same tokens (tests/test_sampling_parity.py).
 
-Compilation (see engine.py): once per model configuration/dtype, batch size, prompt bucket
-(powers of two from 16, capped at C), num_new bucket (powers of two from 64) and mode/stride.
-Changing the seed, temperature, top_k, top_p, prompt content, prompt length within its bucket,
-num_new within its bucket, or the chunk size never recompiles.
+Devices (jaxgpt/sharding.py): by default the batch is split over every local device
+(`jax.local_devices()`) when more than one is visible: a 1-D "data" mesh, the parameters
+replicated on each device, the stream and KV cache split by rows; XLA partitions the same
+compiled loop. The batch is padded with dummy rows to a multiple of the number of devices
+used (never more devices than rows: a batch of 3 on 8 devices uses 3) and the output is
+trimmed back. Since a row's randomness depends only on (seed, row, step), the tokens are the
+same on any number of devices. `devices=1` runs on one device; see `stream_tokens`.
+
+Compilation (see engine.py): once per model configuration/dtype, batch size (after padding to
+the device count), device set, prompt bucket (powers of two from 16, capped at C), num_new
+bucket (powers of two from 64) and mode/stride. Changing the number of devices (or the batch
+size) compiles anew; changing the seed, temperature, top_k, top_p, prompt content, prompt
+length within its bucket, num_new within its bucket, or the chunk size never recompiles.
 """
 
 from __future__ import annotations
@@ -43,11 +52,11 @@ from __future__ import annotations
 import os
 from typing import Iterator, Sequence
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
-from jaxgpt import engine
+from jaxgpt import engine, sharding
 from jaxgpt.sampling import make_params
 from jaxgpt.vocab import Vocab, default_vocab
 
@@ -117,7 +126,8 @@ def _check_run(num_new, seed, mode, stride, chunk_size, context_length: int) -> 
 
 def stream_tokens(model, context, num_new: int, *, seed: int = 0, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, mode: str = "exact",
-                  stride: int | None = None, chunk_size: int | None = None) -> Iterator[np.ndarray]:
+                  stride: int | None = None, chunk_size: int | None = None,
+                  devices=None) -> Iterator[np.ndarray]:
     """Generates tokens chunk by chunk; the concatenated chunks equal `generate_tokens`.
 
     Args:
@@ -133,23 +143,28 @@ def stream_tokens(model, context, num_new: int, *, seed: int = 0, temperature: f
       stride: tokens dropped at once when the window is full, 1..C (strided only; default C // 2).
       chunk_size: tokens per yielded chunk (default: everything in one chunk). Chunks run as
         separate calls of the same compiled loop, so this never changes the tokens.
+      devices: where the rows run. None (default): split over every local device (one
+        device: as before); an int n: the first n local devices (1 turns sharding off); a
+        list of local `jax.Device`s. At most B devices are used; the rows are padded to a
+        multiple of their number. The tokens do not depend on this.
 
     Yields:
       int32 numpy arrays `(B, n)`, n = chunk_size except possibly for the last chunk.
 
     Raises:
-      ValueError: bad context shape/ids, num_new, seed, sampling or mode options (checked
-        before anything runs).
+      ValueError: bad context shape/ids, num_new, seed, sampling, mode or devices options
+        (checked before anything runs).
     """
     model = _as_model(model)
     config = model.config
     context = _check_context(context, config.vocab_size)
     keep = _check_run(num_new, seed, mode, stride, chunk_size, config.context_length)
     params = make_params(temperature, top_k, top_p, vocab_size=config.vocab_size)
-    return _run(model, context, int(num_new), int(seed), params, keep, int(chunk_size or num_new))
+    chosen = sharding.resolve_devices(devices)[: context.shape[0]]  # no device gets only padding rows
+    return _run(model, context, int(num_new), int(seed), params, keep, int(chunk_size or num_new), chosen)
 
 
-def _run(model, context, num_new, seed, params, keep, chunk_size) -> Iterator[np.ndarray]:
+def _run(model, context, num_new, seed, params, keep, chunk_size, devices) -> Iterator[np.ndarray]:
     config = model.config
     batch = context.shape[0]
     if context.shape[1] == 0:
@@ -159,33 +174,40 @@ def _run(model, context, num_new, seed, params, keep, chunk_size) -> Iterator[np
     prompt_bucket = bucket(p, MIN_PROMPT_BUCKET, config.context_length)
     # At least C: the refill step slices `keep` <= C tokens (compiled even when never run).
     stream_len = max(prompt_bucket + bucket(num_new, MIN_STEPS_BUCKET), config.context_length)
-    stream = np.zeros((batch, stream_len), np.int32)
-    stream[:, :p] = context
+    # Rows padded to a multiple of the device count; padding rows come last, so the real rows
+    # keep their indices and hence their random streams (keyed by (seed, row, step)).
+    stream = np.zeros((sharding.padded_size(batch, len(devices)), stream_len), np.int32)
+    stream[:batch, :p] = context
 
+    # Parameters replicated, rows split: XLA partitions the compiled loop over the devices and
+    # the carry (stream, KV cache) stays split by rows from call to call. Every carry leaf is
+    # placed as `advance` returns it (base replicated), so chunk 2 reuses chunk 1's trace.
+    whole, rows = sharding.placements(devices)
     graphdef, state = nnx.split(model)
+    state = jax.device_put(state, whole)
+    cache = engine.start(graphdef, state, jax.device_put(stream[:, :prompt_bucket], rows))
+    carry = engine.Carry(jax.device_put(stream, rows), cache, jax.device_put(np.int32(0), whole))
     # numpy scalars, not jnp: jit takes them as traced arguments without an eager dispatch each.
-    cache = engine.start(graphdef, state, stream[:, :prompt_bucket])
-    carry = engine.Carry(jnp.asarray(stream), cache, np.int32(0))
     for first in range(0, num_new, chunk_size):
         last = min(first + chunk_size, num_new)
         carry = engine.advance(graphdef, state, carry, np.int32(p), np.int32(first), np.int32(last),
                                np.uint32(seed), params, keep=keep)
         # Copy out now: the next advance donates (reuses) the buffer.
-        yield np.array(np.asarray(carry.stream)[:, p + first : p + last])
+        yield np.array(np.asarray(carry.stream)[:batch, p + first : p + last])
 
 
 def generate_tokens(model, context, num_new: int, *, seed: int = 0, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, mode: str = "exact",
-                    stride: int | None = None) -> np.ndarray:
+                    stride: int | None = None, devices=None) -> np.ndarray:
     """Continues each row of `context` by `num_new` tokens, as the notebook's loop would.
 
-    Args: as `stream_tokens` (without chunking).
+    Args: as `stream_tokens` (without chunking); `devices` splits the rows over devices.
 
     Returns:
       int32 numpy array `(B, num_new)`: the generated tokens only.
     """
     chunks = stream_tokens(model, context, num_new, seed=seed, temperature=temperature, top_k=top_k,
-                           top_p=top_p, mode=mode, stride=stride)
+                           top_p=top_p, mode=mode, stride=stride, devices=devices)
     return np.concatenate(list(chunks), axis=1)
 
 
@@ -214,7 +236,7 @@ def stream_text(model, prompt: str | Sequence[str] = "", num_chars: int = 500, *
       batch: number of samples for a single prompt string (rows are independent draws).
       vocab: a `Vocab` or a vocabulary JSON path; default: the published 104-character map.
       chunk_size: characters per yielded chunk (default: all at once).
-      **options: seed, temperature, top_k, top_p, mode, stride, as in `stream_tokens`.
+      **options: seed, temperature, top_k, top_p, mode, stride, devices, as in `stream_tokens`.
 
     Yields:
       lists of B strings.
@@ -244,7 +266,7 @@ def generate(model, prompt: str = "", num_chars: int = 500, *,
       prompt: text to continue; "" starts from the notebook's seed token (newline).
       num_chars: characters to generate (>= 1); the prompt is not repeated.
       vocab: a `Vocab` or vocabulary JSON path; default: the published 104-character map.
-      **options: seed, temperature, top_k, top_p, mode, stride, as in `stream_tokens`.
+      **options: seed, temperature, top_k, top_p, mode, stride, devices, as in `stream_tokens`.
 
     Returns:
       The generated characters.
