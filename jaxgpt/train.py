@@ -5,6 +5,16 @@ model structure (graphdef) and the optimizer are closed over, so the step compil
 (model config, TrainConfig, batch shape): changing any of them recompiles, nothing else does.
 Batches and dropout keys are pure functions of (seed, step), which is what makes a resumed run
 reproduce an uninterrupted one exactly.
+
+Data parallelism (jaxgpt/sharding.py): `fit` trains over every device by default. Parameters
+and optimizer state are replicated, each global batch is split by rows over a 1-D "data" mesh,
+and the step is the same jitted function with input/output shardings: XLA partitions it and
+the gradient mean over the whole batch becomes an all-reduce that the compiler inserts (the
+loss is a mean over a sharded batch; nothing is averaged by hand). Dropout masks are drawn
+for the global batch from the same key, so they do not depend on the device count (JAX's
+random values never depend on sharding; with `jax_threefry_partitionable`, the default, each
+device draws only its own rows' bits). The loss trajectory therefore matches a single-device
+run up to float summation order (tests/test_sharding.py: 20 steps within 1e-5).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import Split, get_batch
 from jaxgpt.model import GPT
@@ -34,6 +45,10 @@ HISTORY_FILE = "history.json"
 
 class ResumeError(ValueError):
     """A checkpoint directory holds a run that the requested one cannot continue."""
+
+
+class DataParallelError(ValueError):
+    """The requested devices cannot split the batch (or leave out processes of a multi-host run)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,11 +118,16 @@ def cross_entropy(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(graphdef, tx: optax.GradientTransformation, mesh=None) -> Callable:
     """Returns jitted `step(params, opt_state, x, y, key) -> (params, opt_state, loss, grad_norm)`.
 
     `graphdef` must come from a model in training mode (dropout on). `params` and `opt_state`
     are donated: pass the returned ones to the next call.
+
+    With a `mesh` (`data_parallel_mesh`), the step is data-parallel: params, opt_state, key
+    and the outputs are replicated, x and y `(B, T)` are split by rows over the "data" axis
+    (pass them as global arrays with that sharding, or as numpy on a single process). The
+    compiler derives the cross-device gradient mean from these shardings.
     """
 
     def step(params, opt_state, x, y, key):
@@ -118,12 +138,48 @@ def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    whole, rows = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    return jax.jit(step, donate_argnums=(0, 1), in_shardings=(whole, whole, rows, rows, whole),
+                   out_shardings=whole)
 
 
-def make_eval_loss(graphdef) -> Callable:
-    """Returns jitted `loss(params, x, y) -> mean loss` for a model graphdef in eval mode."""
-    return jax.jit(lambda params, x, y: cross_entropy(nnx.merge(graphdef, params)(x), y))
+def make_eval_loss(graphdef, mesh=None) -> Callable:
+    """Returns `loss(params, x, y) -> mean loss` (jitted) for a model graphdef in eval mode.
+
+    With a `mesh`, numpy batches `(B, T)` are split by rows over its "data" axis first.
+    """
+    loss = lambda params, x, y: cross_entropy(nnx.merge(graphdef, params)(x), y)
+    if mesh is None:
+        return jax.jit(loss)
+    whole, rows = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    jitted = jax.jit(loss, in_shardings=(whole, rows, rows), out_shardings=whole)
+    return lambda params, x, y: jitted(params, sharding.put_global_batch(x, rows), sharding.put_global_batch(y, rows))
+
+
+def data_parallel_mesh(devices, batch_size: int):
+    """The mesh `fit` trains on: a 1-D "data" mesh over the chosen devices of all processes.
+
+    Args:
+      devices: None for every device (`jax.devices()`: all processes); an int n for the
+        first n (1: a single device); or a list of `jax.Device`. A multi-process run must use
+        every device (each process runs the same program on its own devices).
+      batch_size: the global batch, split evenly by rows.
+
+    Raises:
+      DataParallelError: the batch does not divide by the device count, or devices leaves
+        out part of a multi-process run. (ValueError for a malformed `devices`.)
+    """
+    mesh = sharding.data_mesh(devices, pool=jax.devices())
+    if jax.process_count() > 1 and mesh.size != jax.device_count():
+        raise DataParallelError(f"devices={devices!r}: a multi-process run trains on all {jax.device_count()} "
+                                f"devices of its {jax.process_count()} processes; leave devices unset")
+    if batch_size % mesh.size:
+        raise DataParallelError(f"batch_size {batch_size} does not divide by the {mesh.size} devices of the "
+                                f"data-parallel mesh: use a multiple of {mesh.size}, or fewer devices (devices=1 "
+                                "trains on one)")
+    return mesh
 
 
 def split_modes(model: GPT):
@@ -271,6 +327,7 @@ def fit(
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
     on_checkpoint: Callable[[int, list[dict]], None] | None = None,
+    devices=None,
 ) -> tuple[GPT, list[dict]]:
     """Trains a copy of `model`'s parameters; returns (trained model, history).
 
@@ -289,6 +346,14 @@ def fit(
     model config, the numeric TrainConfig fields and `run_info`; resuming with different ones
     raises ResumeError.
 
+    Data-parallel over every device by default (see the module docstring); the history and
+    checkpoints of a run on n devices match a single-device run up to float summation order,
+    so a run may be resumed on another device count. On a multi-process run (after
+    `jaxgpt.sharding.initialize_distributed`), every process calls `fit` alike; orbax
+    coordinates the checkpoint writes (all processes take part, which needs a
+    `checkpoint_dir` every host can reach), while `run.json`, the history file and the
+    progress bar come from process 0 only.
+
     Args:
       model: the initial model (not modified; its parameters are copied).
       split: training and validation token arrays.
@@ -299,6 +364,8 @@ def fit(
       progress: show a tqdm bar with loss, validation loss, tokens/s and ETA.
       log: called with each history record.
       on_checkpoint: called with (step, history) after each checkpoint is written.
+      devices: None (every device), a device count, or a list of devices; see
+        `data_parallel_mesh`. `config.batch_size` must divide by their number.
 
     Returns:
       The model in eval mode with the trained parameters, and a list of history records
@@ -306,20 +373,25 @@ def fit(
 
     Raises:
       ResumeError: `checkpoint_dir` holds a different run, or one beyond `config.steps`.
+      DataParallelError: the batch does not divide by the number of devices.
       KeyboardInterrupt: after the checkpoint of an interrupted run is written.
     """
     from tqdm.auto import tqdm
 
     mc: GPTConfig = model.config
+    mesh = data_parallel_mesh(devices, config.batch_size)
+    whole, rows = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    primary = sharding.is_primary_process()
     was_training = model.training
     train_def, eval_def, params = split_modes(model)
     if was_training:
         model.train()
-    params = jax.tree.map(jnp.copy, params)  # the step donates its inputs: keep the caller's model intact
+    # A copy (the step donates its inputs: keep the caller's model intact), replicated.
+    params = sharding.put_replicated(params, whole)
     tx = make_optimizer(config)
-    opt_state = tx.init(params)
-    train_step = make_train_step(train_def, tx)
-    eval_loss = make_eval_loss(eval_def)
+    opt_state = jax.jit(tx.init, out_shardings=whole)(params)
+    train_step = make_train_step(train_def, tx, mesh)
+    eval_loss = make_eval_loss(eval_def, mesh)
     schedule = make_schedule(config)
     if history_path is None and checkpoint_dir is not None:
         history_path = os.path.join(checkpoint_dir, HISTORY_FILE)
@@ -343,26 +415,31 @@ def fit(
             if history_path is not None and os.path.exists(history_path):
                 with open(history_path, encoding="utf-8") as f:
                     history = [h for h in json.load(f) if h["step"] <= start]
-        else:
+        elif primary:
             _write_json(os.path.join(checkpoint_dir, RUN_FILE), run_record(mc, config, run_info))
 
     def save(done: int) -> None:
+        # Every process calls save: orbax writes each array once (from the process holding
+        # its first replica) and the step's metadata from process 0.
         manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
         manager.wait_until_finished()
-        if history_path is not None:
+        if history_path is not None and primary:
             _write_json(history_path, history)
         if on_checkpoint is not None:
             on_checkpoint(done, history)
 
-    key = jax.random.key(config.seed)
+    # Made replicated (on every process); fold_in on it then runs on every device, no transfer per step.
+    key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=whole)()
     tokens_per_step = config.batch_size * mc.context_length
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=start, disable=not (progress and primary), unit="step",
+               dynamic_ncols=True)
     postfix: dict[str, str] = {}
     t_last, last_done = None, start  # no throughput window until the first (compiling) step is done
     try:
         with _GracefulStop(enabled=manager is not None) as stop:
             for step in range(start, config.steps):
                 x, y = get_batch(split.train, mc.context_length, config.batch_size, config.seed, step)
+                x, y = sharding.put_global_batch(x, rows), sharding.put_global_batch(y, rows)
                 params, opt_state, loss, grad_norm = train_step(params, opt_state, x, y, jax.random.fold_in(key, step))
                 done = step + 1
                 evaluate = done % config.eval_interval == 0 or done == config.steps
