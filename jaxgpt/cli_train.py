@@ -36,10 +36,9 @@ import sys
 import click
 
 from jaxgpt.cli import CLIError
+from jaxgpt.cli_devices import check_devices, describe_parallel, device_options, start_distributed
 
 _CONFIG_OPTIONS = ("context_length", "model_dim", "num_blocks", "num_heads", "variant")
-_DISTRIBUTED_FLAGS = {"coordinator_address": "--coordinator-address", "num_processes": "--num-processes",
-                      "process_id": "--process-id", "local_device_ids": "--local-device-ids"}
 OUTPUTS = ("checkpoints", "history.json", "loss_curve.png", "vocab.json", "weights.pt", "weights.safetensors")
 
 
@@ -182,7 +181,7 @@ def _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, 
         train_config = TrainConfig(**train_fields)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    _check_devices(devices, train_config.batch_size)
+    check_devices(devices, train_config.batch_size)
     run_info = {
         "text_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
         "val_fraction": val_fraction,
@@ -209,47 +208,6 @@ def _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, 
     export_torch = importlib.util.find_spec("torch") is not None
     return _Plan(out, model_config, train_config, split, vocab, vocab_source, init, run_info, resume_step, export_torch,
                  devices)
-
-
-def _check_devices(devices: int | None, batch_size: int) -> int:
-    """The number of devices training will split each batch over; refuses what cannot work."""
-    import jax
-
-    if devices is not None and jax.process_count() > 1:
-        raise CLIError(f"--devices cannot be combined with a multi-process run ({jax.process_count()} processes): "
-                       "every process trains on all its devices")
-    if devices is not None and devices > jax.device_count():
-        raise CLIError(f"--devices {devices}: only {jax.device_count()} devices are visible")
-    n = jax.device_count() if devices is None else devices
-    if batch_size % n:
-        raise CLIError(f"--batch-size {batch_size} does not divide by the {n} devices of data-parallel training: pass "
-                       f"a multiple of {n}" + (", or --devices N for an N that divides it (1: one device)"
-                                               if jax.process_count() == 1 else ""))
-    return n
-
-
-def _start_distributed(distributed: bool, coordinator_address, num_processes, process_id, local_device_ids) -> bool:
-    """Initializes jax.distributed when asked to (before anything else touches JAX); True if it did."""
-    from jaxgpt.sharding import DistributedError, check_distributed, initialize_distributed
-
-    ids = None
-    if local_device_ids is not None:
-        try:
-            ids = [int(i) for i in local_device_ids.split(",")]
-        except ValueError:
-            raise CLIError(f"--local-device-ids must be comma-separated integers, got {local_device_ids!r}") from None
-    settings = (coordinator_address, num_processes, process_id)
-    if not distributed and all(v is None for v in settings):
-        if ids is not None:
-            raise CLIError("--local-device-ids applies to multi-process runs: add --coordinator-address, "
-                           "--num-processes and --process-id (or --distributed)")
-        return False
-    try:
-        check_distributed(*settings, ids, names=_DISTRIBUTED_FLAGS)
-        initialize_distributed(*settings, ids)
-    except DistributedError as e:
-        raise CLIError(str(e)) from None
-    return True
 
 
 def _write_vocab(vocab, path: str) -> None:
@@ -302,16 +260,7 @@ def _write_vocab(vocab, path: str) -> None:
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="[default: 0.2]")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue the run found in --out (--no-resume: refuse to).")
-@click.option("--devices", type=click.IntRange(min=1), default=None,
-              help="Data-parallel over the first N devices [default: all; 1: a single device].")
-@click.option("--distributed", is_flag=True, help="Multi-host run; settings detected by JAX (TPU pod slice, Slurm, "
-              "Open MPI) unless given below.")
-@click.option("--coordinator-address", default=None, metavar="HOST:PORT",
-              help="Multi-host: process 0's address, reachable from every host (with --num-processes, --process-id).")
-@click.option("--num-processes", type=int, default=None, help="Multi-host: number of processes.")
-@click.option("--process-id", type=int, default=None, help="Multi-host: this process's index, 0..N-1.")
-@click.option("--local-device-ids", default=None, metavar="IDS",
-              help="Multi-host: comma-separated local accelerator ids of this process [default: all].")
+@device_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes.")
 def train_command(text_path, out, steps, batch_size, lr, min_lr, warmup, weight_decay, grad_clip, seed,
                   eval_interval, eval_batches, checkpoint_interval, log_interval, val_fraction, init_path, vocab_path,
@@ -322,7 +271,7 @@ def train_command(text_path, out, steps, batch_size, lr, min_lr, warmup, weight_
     from jaxgpt import compile_cache
 
     # First of all: jax.distributed must start before anything touches a device.
-    _start_distributed(distributed, coordinator_address, num_processes, process_id, local_device_ids)
+    start_distributed(distributed, coordinator_address, num_processes, process_id, local_device_ids)
     given = {"context_length": context_length, "model_dim": model_dim, "num_blocks": num_blocks,
              "num_heads": num_heads, "variant": variant}
     train_fields = dict(steps=steps, batch_size=batch_size, learning_rate=lr, min_learning_rate=min_lr,
@@ -361,8 +310,8 @@ def _run(plan: _Plan, quiet: bool) -> None:
         print(f"jaxgpt: {what}: {mc.variant}, {mc.num_params():,} parameters (context {mc.context_length}, dim "
               f"{mc.model_dim}, {mc.num_blocks} blocks, {mc.num_heads} heads, dropout {mc.dropout}); vocabulary "
               f"{plan.vocab_source}; {len(plan.split.train):,} training / {len(plan.split.val):,} validation "
-              f"characters; {tc.steps} steps of {tc.batch_size} x {mc.context_length}{_parallel(plan.devices)}; "
-              f"{where}", file=sys.stderr)
+              f"characters; {tc.steps} steps of {tc.batch_size} x {mc.context_length}"
+              f"{describe_parallel(plan.devices)}; {where}", file=sys.stderr)
 
     def redraw(step, history):
         if history and primary:  # the first checkpoint may come before the first record
@@ -402,17 +351,6 @@ def _run(plan: _Plan, quiet: bool) -> None:
     print(f"step {tc.steps}: loss {last.get('loss', float('nan')):.4f}"
           + (f", validation loss {val:.4f} nats/char ({val / math.log(2):.4f} bits/char)" if val is not None else ""))
     print(f"wrote {weights}, {curve}, {os.path.join(plan.out, 'history.json')}")
-
-
-def _parallel(devices: int | None) -> str:
-    """", data-parallel over 8 devices (2 processes)" or "" for a single device."""
-    import jax
-
-    n = jax.device_count() if devices is None else devices
-    if n == 1:
-        return ""
-    processes = jax.process_count()
-    return f", data-parallel over {n} devices" + (f" ({processes} processes)" if processes > 1 else "")
 
 
 def _remove_new_outputs(path: str, created: bool, before: set[str]) -> None:

@@ -209,7 +209,8 @@ def check_distributed(coordinator_address: str | None = None, num_processes: int
     if local_device_ids is not None:
         ids = list(local_device_ids)
         if not ids or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in ids):
-            raise DistributedError(f"{name('local_device_ids')} must be non-negative integers, got {local_device_ids!r}")
+            raise DistributedError(f"{name('local_device_ids')} must be non-negative integers, got "
+                                   f"{local_device_ids!r}")
         if len(set(ids)) != len(ids):
             raise DistributedError(f"{name('local_device_ids')} lists a device twice: {ids}")
 

@@ -102,7 +102,8 @@ def training(text_path: str) -> dict:
     train_def, _, params = split_modes(GPT(TRAIN_CONFIG, rngs=nnx.Rngs(0)))
     tx = make_optimizer(TRAIN)
     x, y = get_batch(split.train, 16, TRAIN.batch_size, 0, 0)
-    hlo = make_train_step(train_def, tx, mesh).lower(params, tx.init(params), x, y, jax.random.key(0)).compile().as_text()
+    step = make_train_step(train_def, tx, mesh)
+    hlo = step.lower(params, tx.init(params), x, y, jax.random.key(0)).compile().as_text()
     try:
         fit(GPT(TRAIN_CONFIG), split, TRAIN.replace(batch_size=12), progress=False)
         indivisible = None

@@ -20,7 +20,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxgpt import engine, sharding
 from jaxgpt.cli import main
@@ -255,3 +254,18 @@ def test_generate_cli_refuses_more_devices_than_visible(capsys, no_compile_cache
     captured = capsys.readouterr()
     assert code == 1 and captured.out == ""
     assert captured.err == "jaxgpt: error: --devices 3: only 1 local devices are visible\n"
+
+
+def test_the_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/sharding.py on a toy model: both child processes, the table, the JSON (no timing asserted)."""
+    out = tmp_path / "sharding.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.sharding", "--tiny", "--reps", "1", "--batches", "8",
+                           "--num-chars", "4", "--json", str(out), "--markdown", str(tmp_path / "sharding.md")],
+                          cwd=ROOT, env=simulated(1), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = {(r["process"], r["devices"]): r for r in doc["results"]}
+    assert set(rows) == {("8 simulated devices", 1), ("8 simulated devices", 8), ("plain (1 device)", 1)}
+    assert all(r["chars"] == 32 and r["chars_per_s"] > 0 and len(r["runs_s"]) == 1 for r in rows.values())
+    assert [(q["batch"], q["devices"]) for q in doc["ratios"]] == [(8, 8)]
+    assert "| 8 | 8 | 8 simulated devices |" in (tmp_path / "sharding.md").read_text()
