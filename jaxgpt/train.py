@@ -419,8 +419,8 @@ def fit(
             _write_json(os.path.join(checkpoint_dir, RUN_FILE), run_record(mc, config, run_info))
 
     def save(done: int) -> None:
-        # Every process calls save: orbax writes each array once (from the process holding
-        # its first replica) and the step's metadata from process 0.
+        # Every process must call save (a collective): orbax picks which process writes each
+        # array's data (a replicated array once) and writes the step's metadata from process 0.
         manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
         manager.wait_until_finished()
         if history_path is not None and primary:
