@@ -150,8 +150,11 @@ def _tuned_case(models, variant: Tuned, batch: int, steps: int, marks: tuple[int
 
 
 def _jax_case(model, batch: int, steps: int, mode: str, stride: int | None):
-    from jaxgpt.generate import generate_tokens
+    from jaxgpt.generate import Sampler, generate_tokens
 
+    # Prepared once, as the torch models are built once: the split and the parameter placement
+    # are model loading, not generation.
+    model = Sampler(model)
     context = np.zeros((batch, 1), np.int32)
     seed = [0]
 

@@ -17,7 +17,10 @@ import numpy as np
 
 from jaxgpt.config import GPTConfig
 
-TUNED_TOLERANCE = 1e-5  # max |logit difference| the tuned baseline may show against the reference
+# Max |logit difference| the tuned baseline may show against the reference, per unit of the
+# largest |logit| (at least 1): float32 rounding grows with the logits' scale, and trained
+# weights give logits up to ~12 where random ones stay near 1.
+TUNED_TOLERANCE = 1e-5
 
 
 @dataclasses.dataclass
@@ -93,7 +96,9 @@ def build_models(config: GPTConfig, workdir: str, weights: str | None = None, to
     rng = np.random.default_rng(seed)
     tokens = torch.from_numpy(rng.integers(0, config.vocab_size, (4, config.context_length))).to(torch_device)
     with torch.inference_mode():
-        diff = float((tuned(tokens) - reference(tokens)).abs().max())
-    if not diff <= TUNED_TOLERANCE:
-        raise AssertionError(f"tuned torch baseline differs from the reference by {diff:.3g} > {TUNED_TOLERANCE}")
+        expected = reference(tokens)
+        diff = float((tuned(tokens) - expected).abs().max())
+    tolerance = TUNED_TOLERANCE * max(1.0, float(expected.abs().max()))
+    if not diff <= tolerance:
+        raise AssertionError(f"tuned torch baseline differs from the reference by {diff:.3g} > {tolerance:.3g}")
     return Models(config, weights, source, reference, tuned, jax_model, diff, torch_device)

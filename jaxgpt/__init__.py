@@ -5,7 +5,7 @@ from importlib import resources as _resources
 from jaxgpt.config import PUBLISHED, GPTConfig
 from jaxgpt.model import GPT, init_cache
 from jaxgpt.vocab import DEFAULT_VOCAB_PATH, Vocab, VocabError, default_vocab
-from jaxgpt.generate import generate, generate_tokens, stream_text, stream_tokens
+from jaxgpt.generate import Sampler, generate, generate_tokens, stream_text, stream_tokens
 from jaxgpt.sampling import Greedy, Multinomial, Sampling, TopK, TopP, sampling_uniforms
 
 DEFAULT_WEIGHTS = str(_resources.files("jaxgpt") / "assets" / "default_weights.pt")
@@ -13,5 +13,5 @@ DEFAULT_WEIGHTS = str(_resources.files("jaxgpt") / "assets" / "default_weights.p
 public-domain Shakespeare (see the README for the recipe). Read it with `porting.load_weights`."""
 
 __all__ = ["GPT", "DEFAULT_WEIGHTS", "GPTConfig", "PUBLISHED", "init_cache", "Vocab", "VocabError", "default_vocab", "DEFAULT_VOCAB_PATH",
-           "generate", "generate_tokens", "stream_text", "stream_tokens",
+           "Sampler", "generate", "generate_tokens", "stream_text", "stream_tokens",
            "Greedy", "Multinomial", "Sampling", "TopK", "TopP", "sampling_uniforms"]

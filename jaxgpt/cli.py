@@ -6,6 +6,7 @@ Every user error (bad file, bad option, unknown character, ...) ends as one line
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -34,6 +35,36 @@ def _register_all() -> None:
 
 class CLIError(click.ClickException):
     """Raise to end a command with one `jaxgpt: error: ...` line and exit status 1."""
+
+
+# ----------------------------------------------------------------------------- shared by commands
+def default_weights() -> str:
+    """`jaxgpt.DEFAULT_WEIGHTS`, the bundled checkpoint used when no --weights is given."""
+    import jaxgpt
+
+    path = getattr(jaxgpt, "DEFAULT_WEIGHTS", None)
+    if path is None or not os.path.exists(path):
+        raise CLIError("no --weights given and the bundled default checkpoint is not installed: pass --weights PATH")
+    return str(path)
+
+
+def vocab_beside(weights_path: str) -> str | None:
+    """`vocab.json` in the directory of a checkpoint written by `jaxgpt train`, if there is one."""
+    candidate = os.path.join(os.path.dirname(os.path.abspath(weights_path)), "vocab.json")
+    return candidate if os.path.isfile(candidate) else None
+
+
+def load_vocab(vocab_path: str | None, weights_path: str | None):
+    """(Vocab, description): --vocab, else vocab.json beside the weights, else the published map."""
+    from jaxgpt.vocab import Vocab, VocabError, default_vocab
+
+    source = vocab_path or (vocab_beside(weights_path) if weights_path else None)
+    try:
+        if source is None:
+            return default_vocab(), "the published 104-character map"
+        return Vocab.load(source), source
+    except VocabError as e:
+        raise CLIError(f"--vocab: {e}" if vocab_path else str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,18 +21,9 @@ import time
 
 import click
 
-from jaxgpt.cli import CLIError
+from jaxgpt.cli import CLIError, default_weights, load_vocab
 
 STREAM_CHUNK = 16  # characters per compiled call when streaming
-
-
-def _default_weights() -> str:
-    import jaxgpt
-
-    path = getattr(jaxgpt, "DEFAULT_WEIGHTS", None)
-    if path is None or not os.path.exists(path):
-        raise CLIError("no --weights given and the bundled default checkpoint is not installed: pass --weights PATH")
-    return path
 
 
 def _separator(index: int) -> str:
@@ -43,7 +34,8 @@ def _separator(index: int) -> str:
 @click.option("--weights", type=str, default=None, metavar="PATH",
               help="Checkpoint: torch .pt, .safetensors or jaxgpt orbax directory [default: the bundled one].")
 @click.option("--vocab", type=str, default=None, metavar="JSON",
-              help="id -> character JSON for checkpoints with another vocabulary [default: the published 104 characters].")
+              help="id -> character JSON for checkpoints with another vocabulary [default: vocab.json beside the weights, "
+                   "else the published 104 characters].")
 @click.option("--prompt", type=str, default="", show_default=True,
               help='Text to continue ("": start from a newline, as the notebook).')
 @click.option("--num-chars", type=click.IntRange(min=1), default=500, show_default=True, help="Characters to generate.")
@@ -74,17 +66,13 @@ def generate_command(weights, vocab, prompt, num_chars, seed, temperature, top_k
     from porting import load_weights
 
     from jaxgpt.generate import stream_text
-    from jaxgpt.vocab import Vocab, VocabError, default_vocab
 
-    path = weights if weights is not None else _default_weights()
-    try:
-        characters = Vocab.load(vocab) if vocab is not None else default_vocab()
-    except VocabError as e:
-        raise CLIError(f"--vocab: {e}") from None
+    path = weights if weights is not None else default_weights()
+    characters, vocab_source = load_vocab(vocab, path)
     model = load_weights(path)
     config = model.config
     if characters.size != config.vocab_size:
-        raise CLIError(f"{vocab or 'the default vocabulary'} has {characters.size} characters but {path} has "
+        raise CLIError(f"{vocab_source} has {characters.size} characters but {path} has "
                        f"vocab_size {config.vocab_size}: pass the checkpoint's vocabulary with --vocab")
     unknown = characters.unknown_chars(prompt)
     if unknown:

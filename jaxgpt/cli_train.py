@@ -35,7 +35,7 @@ import sys
 
 import click
 
-from jaxgpt.cli import CLIError
+from jaxgpt.cli import CLIError, default_weights, load_vocab
 from jaxgpt.cli_devices import check_devices, describe_parallel, device_options, start_distributed
 
 _CONFIG_OPTIONS = ("context_length", "model_dim", "num_blocks", "num_heads", "variant")
@@ -46,25 +46,6 @@ class Interrupted(CLIError):
     """Ctrl-C during training: a checkpoint was written; exit status 130."""
 
     exit_code = 130
-
-
-def _vocab_beside(weights_path: str) -> str | None:
-    """`vocab.json` in the directory of a checkpoint written by `jaxgpt train`, if there is one."""
-    candidate = os.path.join(os.path.dirname(os.path.abspath(weights_path)), "vocab.json")
-    return candidate if os.path.isfile(candidate) else None
-
-
-def _load_vocab(vocab_path: str | None, weights_path: str | None):
-    """(Vocab, description): --vocab, else vocab.json beside the weights, else the published map."""
-    from jaxgpt.vocab import Vocab, VocabError, default_vocab
-
-    source = vocab_path or (_vocab_beside(weights_path) if weights_path else None)
-    try:
-        if source is None:
-            return default_vocab(), "the published 104-character map"
-        return Vocab.load(source), source
-    except VocabError as e:
-        raise CLIError(f"--vocab: {e}" if vocab_path else str(e)) from None
 
 
 def _encode(text: str, text_path: str, vocab, drop_unknown: bool, quiet: bool, remedy: str):
@@ -161,7 +142,7 @@ def _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, 
         except VocabError as e:
             raise CLIError(f"{text_path}: {e}") from None
     else:
-        vocab, vocab_source = _load_vocab(vocab_path, init_path)
+        vocab, vocab_source = load_vocab(vocab_path, init_path)
     init = None
     if init_path is not None:
         import porting
@@ -369,15 +350,6 @@ def _remove_new_outputs(path: str, created: bool, before: set[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- eval
-def _default_weights() -> str:
-    import jaxgpt
-
-    path = getattr(jaxgpt, "DEFAULT_WEIGHTS", None)
-    if path is None or not os.path.exists(path):
-        raise CLIError("no --weights given and the bundled default checkpoint is not installed: pass --weights PATH")
-    return str(path)
-
-
 COMPARE_TOLERANCE = 1e-4  # nats/char: float32 summation orders differ, the models must not
 
 
@@ -400,13 +372,13 @@ def eval_command(weights, text_path, vocab_path, drop_unknown, max_chars, batch_
     """Teacher-forced loss of a checkpoint on a text: nats/char, bits/char, perplexity."""
     from jaxgpt import compile_cache
 
-    path = weights if weights is not None else _default_weights()
+    path = weights if weights is not None else default_weights()
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "weights.pt")):
         path = os.path.join(path, "weights.pt")  # a `jaxgpt train` output directory
     if compare_torch and importlib.util.find_spec("torch") is None:
         raise CLIError('--compare-torch needs torch, which is not installed: pip install "jaxgpt[torch]"')
     text = _read_text(text_path, max_chars)
-    vocab, vocab_source = _load_vocab(vocab_path, path)
+    vocab, vocab_source = load_vocab(vocab_path, path)
     import porting
 
     model = porting.load_weights(path)

@@ -52,6 +52,32 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 """Number of times `start` / `advance` were traced, i.e. compiled, in this process."""
 
 
+class StaticGraph:
+    """A GraphDef as jit's static argument, hashed once.
+
+    jit hashes its static arguments on every call, and hashing a GraphDef walks the whole
+    module graph (~1 ms for the published model, per call of `start` and of `advance`). Equal
+    graphs still compare equal, so a new StaticGraph of the same configuration reuses the
+    compiled programs.
+    """
+
+    __slots__ = ("graphdef", "_hash")
+
+    def __init__(self, graphdef: nnx.GraphDef):
+        self.graphdef = graphdef
+        self._hash = hash(graphdef)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StaticGraph) and (self.graphdef is other.graphdef or self.graphdef == other.graphdef)
+
+
+def _graph(graphdef) -> nnx.GraphDef:
+    return graphdef.graphdef if isinstance(graphdef, StaticGraph) else graphdef
+
+
 class Carry(NamedTuple):
     """Generation state between compiled chunks.
 
@@ -71,7 +97,8 @@ def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array) -> KVCach
     """Prefills a KV cache with a padded prompt at positions 0..P-1.
 
     Args:
-      graphdef, state: `nnx.split(model)` of a GPT in eval mode.
+      graphdef, state: `nnx.split(model)` of a GPT in eval mode (graphdef plain or in a
+        `StaticGraph`).
       prompt: int32 `(B, P)`, the prompt left-aligned and padded to its bucket (P <= C).
 
     Returns:
@@ -79,7 +106,7 @@ def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array) -> KVCach
       initial `Carry`.
     """
     TRACE_COUNTS["start"] += 1
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(_graph(graphdef), state)
     cache = init_cache(model.config, prompt.shape[0], dtype=model.token_embedding.embedding.dtype)
     _, cache = model.forward(prompt, cache, 0, last_only=True)  # logits unused: XLA drops them
     return cache
@@ -106,7 +133,7 @@ def advance(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, prompt_len: 
       The `Carry` after step last-1; tokens at stream[:, p + first : p + last].
     """
     TRACE_COUNTS["advance"] += 1
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(_graph(graphdef), state)
     window = model.config.context_length
     keys = row_keys(seed, carry.stream.shape[0], first_row)
 

@@ -103,6 +103,20 @@ def test_vocab_json(weights, model, tmp_path, capsys):
     assert code == 0 and out == generate(model, "", 10)
 
 
+
+def test_vocab_json_beside_the_weights_is_used(tmp_path, capsys):
+    # A `jaxgpt train --vocab-from-text` output directory: weights and vocab.json side by side.
+    config = GPTConfig(vocab_size=5, context_length=8, model_dim=12, num_blocks=1, num_heads=2)
+    small = GPT(config, rngs=nnx.Rngs(3))
+    save_flax(small, tmp_path / "weights.safetensors")
+    vocab = jaxgpt.Vocab(tuple("\nabcd"))
+    vocab.save(tmp_path / "vocab.json")
+    code, out, err = run(["--weights", str(tmp_path / "weights.safetensors"), "--prompt", "abc",
+                          "--num-chars", "12", "-q"], capsys)
+    assert code == 0, err
+    assert out == generate(load_weights(tmp_path / "weights.safetensors"), "abc", 12, vocab=vocab)
+    assert set(out) <= set("\nabcd")
+
 def _errors(weights, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")

@@ -16,7 +16,7 @@ from flax import nnx
 import jaxgpt
 from jaxgpt import engine
 from jaxgpt.config import GPTConfig
-from jaxgpt.generate import generate, generate_tokens, stream_text, stream_tokens
+from jaxgpt.generate import Sampler, generate, generate_tokens, stream_text, stream_tokens
 from jaxgpt.model import GPT
 from jaxgpt.sampling import _sample_jit, make_params, sampling_uniforms
 from jaxgpt.vocab import Vocab, VocabError
@@ -134,6 +134,12 @@ def test_what_compiles():
         return {k: counts.get(k, 0) - base.get(k, 0) for k in ("start", "advance")}
 
     assert delta(run([[1, 2, 3]], num_new=65)) == {"start": 0, "advance": 1}  # next num_new bucket
+    # A Sampler, and a second model of the same configuration, reuse the programs too.
+    counts = dict(engine.TRACE_COUNTS)
+    twin = GPT(CONFIG.replace(vocab_size=13, context_length=64), rngs=nnx.Rngs(1))
+    list(stream_tokens(Sampler(twin), np.asarray([[1, 2, 3]]), 20))
+    list(stream_tokens(Sampler(model), np.asarray([[1, 2, 3]]), 20, seed=9))
+    assert dict(engine.TRACE_COUNTS) == counts
     # (batch size, prompt bucket and mode/stride also compile anew: see engine.py.)
 
 
@@ -190,11 +196,32 @@ def test_bad_options_raise_before_running(model, kw, message):
     assert dict(engine.TRACE_COUNTS) == before
 
 
+def test_sampler_gives_the_model_s_tokens_and_snapshots_its_parameters(model):
+    sampler = Sampler(model)
+    context = np.asarray([[1, 2, 3], [4, 5, 6]])
+    for kw in SETTINGS:
+        np.testing.assert_array_equal(generate_tokens(sampler, context, 2 * C, seed=3, **kw),
+                                      generate_tokens(model, context, 2 * C, seed=3, **kw))
+    assert generate(sampler, "abc", 20, vocab=VOCAB, seed=1) == generate(model, "abc", 20, vocab=VOCAB, seed=1)
+    # Later changes to the model are not seen by an existing Sampler (it holds the old arrays).
+    changed = GPT(CONFIG, rngs=nnx.Rngs(0))
+    nnx.update(changed, nnx.state(model))
+    before = generate_tokens(Sampler(changed), context, C, temperature=0)
+    snapshot = Sampler(changed)
+    changed.vocab_projection.bias.value = changed.vocab_projection.bias.value.at[7].set(1e3)
+    np.testing.assert_array_equal(generate_tokens(snapshot, context, C, temperature=0), before)
+    assert (generate_tokens(changed, context, C, temperature=0) == 7).all()
+
+
 def test_training_mode_is_refused():
     m = GPT(CONFIG, rngs=nnx.Rngs(0))
     m.train()
     with pytest.raises(ValueError, match="training mode"):
         generate_tokens(m, [[1]], 3)
+    with pytest.raises(ValueError, match="training mode"):
+        Sampler(m)
+    with pytest.raises(TypeError, match="jaxgpt.GPT or a checkpoint path"):
+        Sampler(object())
 
 
 def test_public_api():
