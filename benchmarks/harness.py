@@ -16,6 +16,7 @@ are synchronous (CUDA ones are synchronised with `torch_sync`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 import time
 from typing import Callable, Mapping
@@ -95,7 +96,7 @@ def interleave(
     warmup: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Measured]:
-    """Runs every case `warmup` times (discarded) then `reps` times, interleaved.
+    """Runs every case `warmup` times (discarded) then `reps` times, interleaved, without GC.
 
     Round r runs the cases in the given order rotated by r, so no case always runs first or
     right after an expensive neighbour.
@@ -120,7 +121,14 @@ def interleave(
             label = f"warm-up {r + 1}/{warmup}" if r < warmup else f"rep {r - warmup + 1}/{reps}"
             if progress is not None:
                 progress(f"{name} ({label})")
-            result = dict(cases[name](r < warmup))
+            # As timeit does: no garbage collection inside a timed run (the collector would bill
+            # one case for the garbage of the cases before it), a full one before it.
+            gc.collect()
+            gc.disable()
+            try:
+                result = dict(cases[name](r < warmup))
+            finally:
+                gc.enable()
             if "seconds" not in result:
                 raise KeyError(f"case {name!r} returned no 'seconds'")
             (out[name].warmups if r < warmup else out[name].runs).append(result)
