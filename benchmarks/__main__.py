@@ -94,15 +94,9 @@ def _device_description(torch_device: str) -> str:
         import torch
 
         return f"gpu: {torch.cuda.get_device_name(0)} (jax: {jax.devices()[0].device_kind})"
-    name = "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
+    from benchmarks.harness import cpu_description
 
-        name = platform.processor() or name
-    return f"cpu: {name}, {os.cpu_count()} cores"
+    return cpu_description()
 
 
 def _versions() -> dict:

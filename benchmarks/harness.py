@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import statistics
 import time
 from typing import Callable, Mapping
@@ -199,3 +200,16 @@ def make_result(name: str, framework: str, impl: str, batch: int, steps: int, me
         row["first_run_s"] = measured.warmups[0][key]
     row.update(extra)
     return row
+
+
+def cpu_description() -> str:
+    """"cpu: <model name>, <n> cores", the model name from /proc/cpuinfo where there is one."""
+    name = "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        name = platform.processor() or name
+    return f"cpu: {name}, {os.cpu_count()} cores"

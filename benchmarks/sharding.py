@@ -48,13 +48,9 @@ def _device_description() -> str:
     device = jax.devices()[0]
     if device.platform != "cpu":
         return f"{device.platform}: {jax.device_count()} x {device.device_kind}"
-    name = "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu: {name}, {os.cpu_count()} cores"
+    from benchmarks.harness import cpu_description
+
+    return cpu_description()
 
 
 def _versions() -> dict:
