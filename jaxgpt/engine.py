@@ -24,8 +24,8 @@ as traced arrays; the sampling parameters, the seed, the prompt length and the s
 range are traced too. A compilation happens once per distinct
   - graphdef (model configuration and variant) and parameter dtype,
   - batch size B,
-  - prompt bucket (`start`) and stream length (`advance`; generate.py makes it
-    max(C, prompt bucket + num_new bucket)),
+  - padded prompt length (`start`; generate.py rounds it up to a power of two) and stream
+    length (`advance`; generate.py makes it max(C, prompt bucket + num_new bucket)),
   - `keep` (mode and stride),
   - placement: the devices and shardings of the inputs (generate.py passes the parameters
     replicated and the stream split by rows over a data mesh, jaxgpt/sharding.py; XLA then
@@ -50,6 +50,13 @@ from jaxgpt.sampling import SamplingParams, row_keys, sample, step_uniforms
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
 """Number of times `start` / `advance` were traced, i.e. compiled, in this process."""
+
+# XLA:CPU's copy insertion, by default, copies a loop-carried buffer that is both read and
+# updated in place within one iteration unless the data flow alone orders the read first. A
+# decode step reads each block's KV cache (attention) and then writes one position into it,
+# so without region analysis every cache was copied twice per step (24 copies of 129 KB per
+# token at batch 1). Only a CPU option: other backends ignore it.
+COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 class StaticGraph:
@@ -83,7 +90,7 @@ class Carry(NamedTuple):
 
     Attributes:
       stream: int32 `(B, stream_len)`; prompt at 0..p-1, step j's token at p + j.
-      cache: KV cache `(B, C, H, K)` per block; position q holds S[base + q].
+      cache: KV cache per block (`model.LayerCache`); position q holds S[base + q].
       base: int32 `()` stream index of cache position 0.
     """
 
@@ -92,27 +99,38 @@ class Carry(NamedTuple):
     base: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array) -> KVCache:
-    """Prefills a KV cache with a padded prompt at positions 0..P-1.
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows"), compiler_options=COMPILER_OPTIONS)
+def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, rows: jax.sharding.Sharding | None = None
+          ) -> KVCache:
+    """A KV cache prefilled with the prompt but its last token, at positions 0..P-1.
+
+    The last prompt token is left out because generation step 0 decodes it anyway (to get the
+    logits of the first new token); a one-token prompt therefore prefills nothing (P = 0).
 
     Args:
       graphdef, state: `nnx.split(model)` of a GPT in eval mode (graphdef plain or in a
         `StaticGraph`).
-      prompt: int32 `(B, P)`, the prompt left-aligned and padded to its bucket (P <= C).
+      prompt: int32 `(B, P)`, the prompt without its last token, left-aligned and padded to
+        its bucket (0 <= P <= C).
+      rows: optional static placement of the cache's rows (the stream's `NamedSharding`); needed
+        when P = 0, where nothing else ties the new cache to the prompt's placement.
 
     Returns:
-      The KV cache; with the stream (the padded prompt at its head) and base 0 it makes the
+      The KV cache; with the stream (the prompt at its head) and base 0 it makes the
       initial `Carry`.
     """
     TRACE_COUNTS["start"] += 1
     model = nnx.merge(_graph(graphdef), state)
     cache = init_cache(model.config, prompt.shape[0], dtype=model.token_embedding.embedding.dtype)
-    _, cache = model.forward(prompt, cache, 0, last_only=True)  # logits unused: XLA drops them
+    if prompt.shape[1] > 0:
+        _, cache = model.forward(prompt, cache, 0, last_only=True)  # logits unused: XLA drops them
+    if isinstance(rows, jax.sharding.NamedSharding):
+        cache = jax.lax.with_sharding_constraint(cache, rows)
     return cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "keep"), donate_argnames=("carry",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "keep"), donate_argnames=("carry",),
+                   compiler_options=COMPILER_OPTIONS)
 def advance(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, prompt_len: jax.Array,
             first: jax.Array, last: jax.Array, seed: jax.Array, params: SamplingParams, *, keep: int,
             first_row: jax.Array | int = 0) -> Carry:

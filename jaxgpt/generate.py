@@ -40,11 +40,17 @@ used (never more devices than rows: a batch of 3 on 8 devices uses 3) and the ou
 trimmed back. Since a row's randomness depends only on (seed, row, step), the tokens are the
 same on any number of devices. `devices=1` runs on one device; see `stream_tokens`.
 
-Compilation (see engine.py): once per model configuration/dtype, batch size (after padding to
-the device count), device set, prompt bucket (powers of two from 16, capped at C), num_new
-bucket (powers of two from 64) and mode/stride. Changing the number of devices (or the batch
-size) compiles anew; changing the seed, temperature, top_k, top_p, prompt content, prompt
-length within its bucket, num_new within its bucket, or the chunk size never recompiles.
+Compilation (see engine.py): the prefill (`engine.start`) once per model configuration/dtype,
+batch size (after padding to the device count), device set and prefill bucket (the prompt
+length minus one, rounded up to a power of two: 0, 1, 2, 4, ..., C); the loop (`engine.advance`) once per
+model configuration/dtype, batch size, device set, stream length (prompt bucket, powers of two
+from 16 capped at C, plus num_new bucket, powers of two from 64) and mode/stride. The prefill
+buckets are fine because prefill cost grows with the padded length (a 1-character prompt at
+batch 64 would otherwise pay for 16 positions per row before the first character); the loop's
+are coarse because a loop program is the larger compile. Changing the number of devices (or
+the batch size) compiles anew; changing the seed, temperature, top_k, top_p, prompt content,
+prompt length within its buckets, num_new within its bucket, or the chunk size never
+recompiles.
 """
 
 from __future__ import annotations
@@ -204,9 +210,11 @@ def _run(model, context, num_new, seed, params, keep, chunk_size, devices) -> It
         context = np.zeros((batch, 1), np.int32)  # the notebook's seed context [[0]]
     context = context[:, -config.context_length :]  # the notebook's crop
     p = context.shape[1]
-    prompt_bucket = bucket(p, MIN_PROMPT_BUCKET, config.context_length)
+    # The prefill skips the last prompt token (step 0 decodes it): nothing for a 1-token prompt.
+    prefill_bucket = 0 if p == 1 else bucket(p - 1, 1, config.context_length)
     # At least C: the refill step slices `keep` <= C tokens (compiled even when never run).
-    stream_len = max(prompt_bucket + bucket(num_new, MIN_STEPS_BUCKET), config.context_length)
+    stream_len = max(bucket(p, MIN_PROMPT_BUCKET, config.context_length) + bucket(num_new, MIN_STEPS_BUCKET),
+                     config.context_length)
     # Rows padded to a multiple of the device count; padding rows come last, so the real rows
     # keep their indices and hence their random streams (keyed by (seed, row, step)).
     stream = np.zeros((sharding.padded_size(batch, len(devices)), stream_len), np.int32)
@@ -217,7 +225,7 @@ def _run(model, context, num_new, seed, params, keep, chunk_size, devices) -> It
     # placed as `advance` returns it (base replicated), so chunk 2 reuses chunk 1's trace.
     whole, rows = sharding.placements(devices)
     graphdef, state = model.graphdef, model.state_on(devices)
-    cache = engine.start(graphdef, state, jax.device_put(stream[:, :prompt_bucket], rows))
+    cache = engine.start(graphdef, state, jax.device_put(stream[:, :prefill_bucket], rows), rows)
     carry = engine.Carry(jax.device_put(stream, rows), cache, jax.device_put(np.int32(0), whole))
     # numpy scalars, not jnp: jit takes them as traced arguments without an eager dispatch each.
     for first in range(0, num_new, chunk_size):

@@ -26,9 +26,15 @@ _init = nnx.initializers.normal(stddev=0.02)
 
 
 class LayerCache(NamedTuple):
-    """Keys and values of one block for every position of the context window."""
+    """Keys and values of one block for every position of the context window.
 
-    k: jax.Array  # (B, H, C, K)
+    Keys are stored transposed, `(B, H, K, C)`, and values `(B, H, C, K)`: each is then in the
+    layout its attention product reads (`q @ k` contracts K, `probs @ v` contracts C), so XLA
+    multiplies the cache where it lies. A key cache laid out like the values made XLA:CPU
+    transpose every block's whole key cache on every decode step.
+    """
+
+    k: jax.Array  # (B, H, K, C)
     v: jax.Array  # (B, H, C, K)
 
 
@@ -36,14 +42,13 @@ KVCache = tuple[LayerCache, ...]  # one LayerCache per block
 
 
 def init_cache(config: GPTConfig, batch: int, dtype=jnp.float32) -> KVCache:
-    """An all-zero cache `(B, H, context_length, K)` per block; zeros are masked out until written.
+    """An all-zero cache per block, keys `(B, H, K, C)` and values `(B, H, C, K)`.
 
-    Heads lead the position axis so that attention's (B, H) batch dimensions come first, as XLA's
-    dot wants them: with `(B, C, H, K)` XLA:CPU transposed every block's whole cache on every
-    decode step (benchmarks/profile_decode.py measured it).
+    Positions are masked out until written; see `LayerCache` for the layouts.
     """
-    shape = (batch, config.num_heads, config.context_length, config.head_size)
-    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_blocks))
+    b, h, c, k = batch, config.num_heads, config.context_length, config.head_size
+    return tuple(LayerCache(jnp.zeros((b, h, k, c), dtype), jnp.zeros((b, h, c, k), dtype))
+                 for _ in range(config.num_blocks))
 
 
 @jax.custom_vjp
@@ -102,9 +107,10 @@ class Attention(nnx.Module):
         Args:
           x: `(B, T, D)` normalised inputs.
           positions: `(T,)` int positions of the queries (start + 0..T-1).
-          cache: optional `LayerCache`; the new keys and values are written at `start` and the
-            queries attend to the whole cache (positions beyond them are masked).
-          start: first position of `x` in the cache (traced int allowed).
+          cache: optional `LayerCache`; the queries attend to its positions before `start` and
+            to the new keys, whose keys and values are then written at `start`.
+          start: first position of `x` in the cache (traced int allowed). The Python int 0
+            means the cache holds nothing to attend to (prefill, refill): it is only written.
           last_only: query with the last position only (keys and values still come from, and
             are cached for, every position).
 
@@ -116,20 +122,29 @@ class Attention(nnx.Module):
         qkv = _project(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:2], *w.shape[1:])  # (B, T, 3, H, K)
         q = qkv[:, :, 0]  # (B, T, H, K)
         k, v = qkv[:, :, 1].transpose(0, 2, 1, 3), qkv[:, :, 2].transpose(0, 2, 1, 3)  # (B, H, T, K)
-        if cache is not None:
-            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, start, 0))
-            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, start, 0))
-            cache = LayerCache(k, v)  # (B, H, C, K) each
-            key_positions = jnp.arange(k.shape[2])  # (S,) = (C,)
-        else:
-            key_positions = positions
+        query_positions = positions
         if last_only:
-            q, positions = q[:, -1:], positions[-1:]  # (B, 1, H, K), (1,)
-        scores = jnp.einsum("bthk,bhsk->bhts", q, k) / math.sqrt(self.head_size)  # (B, H, T, S)
-        causal = key_positions[None, :] <= positions[:, None]  # (T, S)
-        scores = jnp.where(causal, scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1)
-        heads = jnp.einsum("bhts,bhsk->bthk", probs, v)  # (B, T, H, K)
+            q, query_positions = q[:, -1:], positions[-1:]  # (B, 1, H, K), (1,)
+        scale = math.sqrt(self.head_size)
+        scores = jnp.einsum("bthk,bhsk->bhts", q, k) / scale  # (B, H, T, T) over the new keys
+        scores = jnp.where(positions[None, :] <= query_positions[:, None], scores, -jnp.inf)
+        if cache is None or (isinstance(start, int) and start == 0):
+            heads = jnp.einsum("bhts,bhsk->bthk", jax.nn.softmax(scores, axis=-1), v)  # (B, T, H, K)
+        else:
+            # The cached keys are read as they were before this call and the new ones are
+            # written afterwards, not written first and read back: XLA can then update the
+            # cache in place (with copy-insertion region analysis, see engine.py) instead of
+            # copying every block's cache on every decode step.
+            cached = jnp.einsum("bthk,bhks->bhts", q, cache.k) / scale  # (B, H, T, C)
+            cached = jnp.where(jnp.arange(cached.shape[-1]) < start, cached, -jnp.inf)
+            probs = jax.nn.softmax(jnp.concatenate([cached, scores], axis=-1), axis=-1)  # (B, H, T, C + T)
+            c = cached.shape[-1]
+            heads = (jnp.einsum("bhts,bhsk->bthk", probs[..., :c], cache.v)
+                     + jnp.einsum("bhts,bhsk->bthk", probs[..., c:], v))  # (B, T, H, K)
+        if cache is not None:
+            cache = LayerCache(
+                jax.lax.dynamic_update_slice(cache.k, k.swapaxes(2, 3).astype(cache.k.dtype), (0, 0, 0, start)),
+                jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, start, 0)))
         if self.out_kernel is None:  # "learning": concat_j head_j goes straight to the residual
             out = heads.reshape(*heads.shape[:2], -1)  # (B, T, D)
         else:

@@ -86,23 +86,36 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
       float32 `(..., V)` filtered logits.
     """
     logits = logits.astype(jnp.float32) / params.temperature
+    # Each filter sorts the vocabulary, so each runs only when asked for (a cond on the traced
+    # parameter: no recompile); unfiltered, a step skips two sorts and a scatter.
+    logits = jax.lax.cond(params.top_k < logits.shape[-1], _top_k, lambda x, _: x, logits, params.top_k)
+    return jax.lax.cond(params.top_p < 1.0, _top_p, lambda x, _: x, logits, params.top_p)
+
+
+def _top_k(logits: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Removes (-inf) every logit below the k-th largest; ties with it are kept."""
     v = logits.shape[-1]
     # k-th largest = element V-k of the ascending sort; k >= V keeps everything.
-    k = jnp.clip(params.top_k, 1, v)
+    k = jnp.clip(top_k, 1, v)
     ascending = jnp.sort(logits, axis=-1)
     kth = jnp.take_along_axis(ascending, jnp.broadcast_to(v - k, logits.shape[:-1] + (1,)), axis=-1)
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-    # Nucleus: mass of the strictly more probable tokens (stable order on ties, as torch's
-    # stable descending sort) must be < p. Skipped when p == 1, as the torch twin does, since
-    # rounding could otherwise push the preceding mass of a negligible tail token to 1.0.
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def _top_p(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Removes each token whose strictly more probable tokens already hold mass >= top_p.
+
+    Stable order on ties, as torch's stable descending sort. Only called for top_p < 1, as the
+    torch twin does, since rounding could otherwise push the preceding mass of a negligible
+    tail token to 1.0.
+    """
     probs = jax.nn.softmax(logits, axis=-1)
     order = jnp.argsort(-probs, axis=-1, stable=True)
     sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
     before_sorted = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
     before = jnp.zeros_like(before_sorted)
     before = jnp.put_along_axis(before, order, before_sorted, axis=-1, inplace=False)
-    remove = (before >= params.top_p) & (params.top_p < 1.0)
-    return jnp.where(remove, -jnp.inf, logits)
+    return jnp.where(before >= top_p, -jnp.inf, logits)
 
 
 def inverse_cdf_pick(logits: jax.Array, u: jax.Array) -> jax.Array:
