@@ -365,10 +365,12 @@ COMPARE_TOLERANCE = 1e-4  # nats/char: float32 summation orders differ, the mode
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Windows per forward pass.")
 @click.option("--compare-torch", is_flag=True, help="Also score with the notebook's torch model (needs torch).")
+@click.option("--devices", type=click.IntRange(min=1), default=None,
+              help="Split each batch over the first N local devices [default: all; 1: a single device].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes.")
-def eval_command(weights, text_path, vocab_path, drop_unknown, max_chars, batch_size, compare_torch, as_json,
-                 quiet) -> None:
+def eval_command(weights, text_path, vocab_path, drop_unknown, max_chars, batch_size, compare_torch, devices,
+                 as_json, quiet) -> None:
     """Teacher-forced loss of a checkpoint on a text: nats/char, bits/char, perplexity."""
     from jaxgpt import compile_cache
 
@@ -391,7 +393,11 @@ def eval_command(weights, text_path, vocab_path, drop_unknown, max_chars, batch_
     compile_cache.enable()
     from jaxgpt.evaluate import evaluate, evaluate_torch, torch_reference
 
-    result = evaluate(model, tokens, batch_size=batch_size, progress=not (quiet or as_json))
+    import jax
+
+    if devices is not None and devices > jax.local_device_count():
+        raise CLIError(f"--devices {devices}: only {jax.local_device_count()} local devices are visible")
+    result = evaluate(model, tokens, batch_size=batch_size, progress=not (quiet or as_json), devices=devices)
     reference = None
     if compare_torch:
         reference = evaluate_torch(torch_reference(model), tokens, config.context_length, batch_size=batch_size,

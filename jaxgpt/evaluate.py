@@ -5,6 +5,11 @@ forward pass that predicts every next character from the ones before it in the s
 (positions 0..T-1, as the model was trained). The last, shorter window covers the rest, so
 every character after the first is predicted exactly once. The same windows can be scored by
 the notebook's torch model (`evaluate_torch`) to show both frameworks agree.
+
+Devices: as generation, evaluation splits each batch of windows over every local device when
+more than one is visible (parameters replicated, windows split by rows over a "data" mesh,
+jaxgpt/sharding.py); XLA partitions the same program and sums across devices. `devices=1`
+runs on one device. The figures agree with one device's to float32 rounding of the sum.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgpt import sharding
 from jaxgpt.data import DataError, eval_windows
 
 
@@ -104,14 +110,18 @@ def make_nll_sum(graphdef) -> Callable:
     return jax.jit(nll_sum)
 
 
-def evaluate(model, tokens: np.ndarray, *, batch_size: int = 32, progress: bool = False) -> EvalResult:
+def evaluate(model, tokens: np.ndarray, *, batch_size: int = 32, progress: bool = False,
+             devices=None) -> EvalResult:
     """Teacher-forced loss of `model` over `tokens`.
 
     Args:
       model: a `jaxgpt.GPT` (evaluated in eval mode: dropout off).
       tokens: int ids `(N,)`, N >= 2, all < vocab_size.
-      batch_size: windows per forward pass (a fixed shape: compiles once).
+      batch_size: windows per forward pass (a fixed shape: compiles once); rounded up to a
+        multiple of the number of devices.
       progress: show a tqdm bar over the batches.
+      devices: None for every local device, an int n for the first n, or a list of devices
+        (`sharding.resolve_devices`).
 
     Returns:
       `EvalResult`: per-character sums accumulated in float64 across batches.
@@ -120,16 +130,24 @@ def evaluate(model, tokens: np.ndarray, *, batch_size: int = 32, progress: bool 
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     config = model.config
     _check_ids(tokens, config.vocab_size)
+    chosen = sharding.resolve_devices(devices)
     was_training = model.training
     model.eval()
     graphdef, params = nnx.split(model)
     if was_training:
         model.train()
     nll_sum = make_nll_sum(graphdef)
+    place = lambda array: array
+    if len(chosen) > 1:
+        mesh = sharding.data_mesh(chosen)
+        params = jax.device_put(params, sharding.replicated(mesh))
+        rows = sharding.batch_sharded(mesh)
+        place = lambda array: jax.device_put(array, rows)
+        batch_size = sharding.padded_size(batch_size, len(chosen))  # padding rows are masked out
     x, y, mask = windows(tokens, config.context_length)
     total = 0.0
     for bx, by, bm in _progress(_batches(x, y, mask, batch_size), len(x), batch_size, progress):
-        total += float(nll_sum(params, bx, by, bm))
+        total += float(nll_sum(params, place(bx), place(by), place(bm)))
     count = int(mask.sum())
     return EvalResult(total / count, count, len(x))
 

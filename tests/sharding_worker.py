@@ -113,6 +113,18 @@ def training(text_path: str) -> dict:
             "all_reduce_in_step": "all-reduce" in hlo, "indivisible_batch_error": indivisible}
 
 
+def evaluation(text_path: str) -> dict:
+    """Loss of one model over the text on 1, 3 and 8 devices (3 pads each batch of 8 to 9 rows)."""
+    from jaxgpt.evaluate import evaluate
+
+    with open(text_path, encoding="utf-8") as f:
+        tokens = default_vocab().encode(f.read()[:3000])
+    model = GPT(GEN_CONFIG.replace(vocab_size=default_vocab().size), rngs=nnx.Rngs(5))
+    results = {str(d): evaluate(model, tokens, batch_size=8, devices=d).as_dict() for d in (1, 3, 8)}
+    results["default"] = evaluate(model, tokens, batch_size=8).as_dict()
+    return results
+
+
 def cli(text_path: str, out_dir: str) -> dict:
     def run(*args):
         err = io.StringIO()
@@ -127,6 +139,7 @@ def cli(text_path: str, out_dir: str) -> dict:
         "indivisible_out_exists": os.path.exists(os.path.join(out_dir, "bad")),
         "reference": run("train", "--text", text_path, "--out", reference, *CLI_TRAIN, "--devices", "1"),
         "reference_history": os.path.join(reference, "history.json"),
+        "eval_too_many_devices": run("eval", "--text", text_path, "--devices", "9", "-q"),
     }
 
 
@@ -137,5 +150,6 @@ if __name__ == "__main__":
            "default_mesh_size": sharding.data_mesh().size}
     doc["generation"] = generation()
     doc["training"] = training(text)
+    doc["evaluation"] = evaluation(text)
     doc["cli"] = cli(text, out)
     print(json.dumps(doc))

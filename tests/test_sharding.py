@@ -111,6 +111,17 @@ def test_data_parallel_params_are_replicated_and_the_compiler_averages_gradients
     assert training["all_reduce_in_step"]
 
 
+def test_evaluation_is_independent_of_the_device_count(worker):
+    results = worker["evaluation"]
+    one = results["1"]
+    assert one["num_chars"] == 2999 and 1.0 < one["nats_per_char"] < 10.0
+    for devices in ("3", "8", "default"):
+        assert results[devices]["num_chars"] == one["num_chars"], devices
+        assert abs(results[devices]["nats_per_char"] - one["nats_per_char"]) < 1e-6, devices
+    cli = worker["cli"]["eval_too_many_devices"]
+    assert cli["code"] == 1 and cli["stderr"] == "jaxgpt: error: --devices 9: only 8 local devices are visible\n"
+
+
 def test_a_batch_that_does_not_split_is_refused(worker):
     assert worker["training"]["indivisible_batch_error"].startswith(
         "DataParallelError: batch_size 12 does not divide by the 8 devices")
