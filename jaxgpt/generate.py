@@ -15,16 +15,16 @@ Modes:
     refills the cache; the next stride - 1 tokens are decoded from the cache. Each token then
     conditions on between C + 1 - stride and C previous tokens instead of exactly C (exact
     mode is the special case stride = 1), so the text differs from the notebook's once the
-    window is full, and its per-character loss is slightly worse; in exchange only one step
+    window is full, and it may predict a little worse (less context); in exchange only one step
     in `stride` pays for a full forward pass. The default stride is C // 2.
     Measured (benchmarks/results/strided_quality.md: trained default checkpoint, 4,096
     held-out characters, teacher-forced with each mode's windowing; 2,000 generated
-    characters, CPU): exact 1.5828 nats/char at 36.6 chars/s; stride 64 (the default)
-    +0.0019 +- 0.0031 nats, 14.9x faster; strides 8..96 all cost <= 0.003 nats (within two
-    standard errors of zero) for 4.8x..14.9x; stride 112 +0.0085, stride 128 (keep one
-    token) +0.025. Past stride 64 the cached steps dominate and the speed stops growing.
-    (The lead's brief kept C - stride tokens; keeping C + 1 - stride instead makes stride = 1
-    identical to exact mode, which the tests use as a check.)
+    characters, CPU): exact 1.4632 nats/char at 106 chars/s; strides 2..96 all within one
+    standard error (~0.003 nats) of exact, stride 64 (the default) -0.0019 +- 0.0026 at
+    14x the speed (20x in CPU seconds); stride 112 +0.0027, stride 128 (keep one token)
+    +0.025. Past stride 64 the cached steps dominate and the speed grows little.
+    (Keeping C + 1 - stride tokens rather than C - stride makes stride = 1 identical to exact
+    mode, which the tests use as a check.)
 
 Randomness: the uniform of row r at step j comes from fold_in(fold_in(key(seed), r), j) only,
 so rows are independent, a row's text does not depend on the batch size or on chunking, and
