@@ -66,13 +66,14 @@ def main(argv=None) -> None:
 
     variants = {}
     for name, options in [("as shipped", engine.COMPILER_OPTIONS), ("without region analysis", None)]:
-        start = jax.jit(engine.start.__wrapped__, static_argnames=("graphdef", "rows"), compiler_options=options)
+        start = jax.jit(engine.start.__wrapped__, static_argnames=("graphdef",), donate_argnames=("cache",),
+                        keep_unused=True, compiler_options=options)
         advance = jax.jit(engine.advance.__wrapped__, static_argnames=("graphdef", "keep"),
                           donate_argnames=("carry",), compiler_options=options)
 
         def run(start=start, advance=advance, lower=False):
             stream = np.zeros((b, stream_len), np.int32)
-            cache = start(sampler.graphdef, state, stream[:, :0])
+            cache = start(sampler.graphdef, state, stream[:, :0], sampler.take_cache(b, jax.devices()[:1]))
             carry = engine.Carry(jnp.asarray(stream), cache, jnp.int32(0))
             call = (sampler.graphdef, state, carry, np.int32(1), np.int32(0), np.int32(args.steps), np.uint32(1),
                     params)

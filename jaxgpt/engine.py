@@ -99,10 +99,28 @@ class Carry(NamedTuple):
     base: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "rows"), compiler_options=COMPILER_OPTIONS)
-def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, rows: jax.sharding.Sharding | None = None
-          ) -> KVCache:
-    """A KV cache prefilled with the prompt but its last token, at positions 0..P-1.
+@functools.partial(jax.jit, static_argnames=("config", "batch", "dtype", "rows"))
+def new_cache(config, batch: int, dtype, rows: jax.sharding.Sharding | None = None) -> KVCache:
+    """A zero KV cache for `batch` rows (`model.init_cache`), its rows placed as `rows` says.
+
+    Args:
+      config: the model's `GPTConfig` (static, as all arguments).
+      batch: rows B.
+      dtype: the parameters' dtype.
+      rows: optional placement of the rows (the stream's `NamedSharding` on several devices).
+    """
+    cache = init_cache(config, batch, dtype=dtype)
+    if isinstance(rows, jax.sharding.NamedSharding):
+        cache = jax.lax.with_sharding_constraint(cache, rows)
+    return cache
+
+
+# keep_unused: the cache's values are never read (it is cleared), and jit would otherwise drop
+# the argument, and with it the donation that lets the output reuse its memory.
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",), keep_unused=True,
+                   compiler_options=COMPILER_OPTIONS)
+def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, cache: KVCache) -> KVCache:
+    """Clears `cache` in place, then prefills it with the prompt but its last token, at 0..P-1.
 
     The last prompt token is left out because generation step 0 decodes it anyway (to get the
     logits of the first new token); a one-token prompt therefore prefills nothing (P = 0).
@@ -112,8 +130,9 @@ def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, rows: jax
         `StaticGraph`).
       prompt: int32 `(B, P)`, the prompt without its last token, left-aligned and padded to
         its bucket (0 <= P <= C).
-      rows: optional static placement of the cache's rows (the stream's `NamedSharding`); needed
-        when P = 0, where nothing else ties the new cache to the prompt's placement.
+      cache: a KV cache of B rows to reuse (from `new_cache`, or a finished generation's
+        carry); donated. Reusing memory XLA:CPU already holds avoids the page faults of fresh
+        memory (batch 64: 99 MB, ~14 ms fresh against ~5 ms in place).
 
     Returns:
       The KV cache; with the stream (the prompt at its head) and base 0 it makes the
@@ -121,11 +140,11 @@ def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, rows: jax
     """
     TRACE_COUNTS["start"] += 1
     model = nnx.merge(_graph(graphdef), state)
-    cache = init_cache(model.config, prompt.shape[0], dtype=model.token_embedding.embedding.dtype)
+    # Zeros, not stale values: unwritten positions are masked out of the attention scores, but
+    # the values are still multiplied by their zero weights, and 0 * NaN would be NaN.
+    cache = jax.tree.map(jnp.zeros_like, cache)
     if prompt.shape[1] > 0:
         _, cache = model.forward(prompt, cache, 0, last_only=True)  # logits unused: XLA drops them
-    if isinstance(rows, jax.sharding.NamedSharding):
-        cache = jax.lax.with_sharding_constraint(cache, rows)
     return cache
 
 

@@ -91,6 +91,8 @@ class Sampler:
     instead when generating repeatedly (a server loop, benchmarks, the CLI).
 
     It snapshots the parameters: later changes to the model are not seen (build a new Sampler).
+    It also keeps the KV cache of its last finished run (per batch size and device set; one at a
+    time) to reuse that memory in the next run of the same shape: at batch 64 the cache is 99 MB.
 
     Attributes:
       config: the model's `GPTConfig`.
@@ -108,12 +110,14 @@ class Sampler:
         if model.training:
             raise ValueError("the model is in training mode (dropout on): call model.eval() before generating")
         self.config = model.config
+        self._dtype = model.token_embedding.embedding.dtype
         graphdef, state = nnx.split(model)
         # A new tree over the same arrays: the split state's Variables are the model's own,
         # so assigning a parameter of the model would otherwise show through.
         self._state = jax.tree.map(lambda x: x, state)
         self.graphdef = engine.StaticGraph(graphdef)
         self._placed: dict[tuple, nnx.State] = {}
+        self._spare_cache: tuple[tuple, object] | None = None  # (key, KV cache) of the last finished run
 
     def state_on(self, devices: Sequence[jax.Device]) -> nnx.State:
         """The parameters replicated on `devices` (placed on the first call for them)."""
@@ -121,6 +125,18 @@ class Sampler:
         if key not in self._placed:
             self._placed[key] = jax.device_put(self._state, sharding.placements(devices)[0])
         return self._placed[key]
+
+    def take_cache(self, batch: int, devices: Sequence[jax.Device]):
+        """A KV cache for `batch` rows on `devices`: the last run's if it had that shape, else new."""
+        key, spare = (batch, tuple(devices)), self._spare_cache
+        if spare is not None and spare[0] == key:
+            self._spare_cache = None  # handed out (it will be donated): never twice
+            return spare[1]
+        return engine.new_cache(self.config, batch, self._dtype, sharding.placements(devices)[1])
+
+    def keep_cache(self, batch: int, devices: Sequence[jax.Device], cache) -> None:
+        """Keeps a finished run's cache for the next run of the same shape (replacing any other)."""
+        self._spare_cache = ((batch, tuple(devices)), cache)
 
 
 def _as_sampler(model) -> Sampler:
@@ -225,7 +241,9 @@ def _run(model, context, num_new, seed, params, keep, chunk_size, devices) -> It
     # placed as `advance` returns it (base replicated), so chunk 2 reuses chunk 1's trace.
     whole, rows = sharding.placements(devices)
     graphdef, state = model.graphdef, model.state_on(devices)
-    cache = engine.start(graphdef, state, jax.device_put(stream[:, :prefill_bucket], rows), rows)
+    rows_total = stream.shape[0]
+    cache = engine.start(graphdef, state, jax.device_put(stream[:, :prefill_bucket], rows),
+                         model.take_cache(rows_total, devices))
     carry = engine.Carry(jax.device_put(stream, rows), cache, jax.device_put(np.int32(0), whole))
     # numpy scalars, not jnp: jit takes them as traced arguments without an eager dispatch each.
     for first in range(0, num_new, chunk_size):
@@ -234,6 +252,7 @@ def _run(model, context, num_new, seed, params, keep, chunk_size, devices) -> It
                                np.uint32(seed), params, keep=keep)
         # Copy out now: the next advance donates (reuses) the buffer.
         yield np.array(np.asarray(carry.stream)[:batch, p + first : p + last])
+    model.keep_cache(rows_total, devices, carry.cache)
 
 
 def generate_tokens(model, context, num_new: int, *, seed: int = 0, temperature: float = 1.0,

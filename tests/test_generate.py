@@ -217,6 +217,33 @@ def test_sampler_gives_the_model_s_tokens_and_snapshots_its_parameters(model):
     assert (generate_tokens(changed, context, C, temperature=0) == 7).all()
 
 
+def test_sampler_reuses_its_cache_memory_but_never_its_contents(model):
+    sampler = Sampler(model)
+    context = np.asarray([[1, 2, 3], [4, 5, 6]])
+    expected = generate_tokens(model, context, 2 * C, seed=3)
+    devices = jax.devices()[:1]
+    spare = lambda: sampler._spare_cache  # (key, cache) kept from the last finished run
+    np.testing.assert_array_equal(generate_tokens(sampler, context, 2 * C, seed=3), expected)
+    kept = spare()
+    assert kept is not None and kept[0] == (2, tuple(devices))
+    # The next run of that shape gets that memory (donated to the prefill, which clears it) ...
+    np.testing.assert_array_equal(generate_tokens(sampler, context, 2 * C, seed=3), expected)
+    assert all(a.is_deleted() for a in jax.tree.leaves(kept[1]))
+    # ... and a run of another shape does not, nor disturbs it.
+    generate_tokens(sampler, context[:1], 5, seed=3)
+    assert spare()[0] == (1, tuple(devices))
+    # Whatever the kept cache holds (here NaN everywhere), it is cleared before use.
+    poisoned = jax.tree.map(lambda a: np.full(a.shape, np.nan, a.dtype), model_cache := sampler.take_cache(2, devices))
+    del model_cache
+    sampler.keep_cache(2, devices, jax.tree.map(jax.numpy.asarray, poisoned))
+    np.testing.assert_array_equal(generate_tokens(sampler, context, 2 * C, seed=3), expected)
+    # An abandoned stream keeps nothing (its carry may be mid-way) and later runs are unaffected.
+    chunks = stream_tokens(sampler, context, 2 * C, seed=3, chunk_size=4)
+    next(chunks)
+    del chunks
+    np.testing.assert_array_equal(generate_tokens(sampler, context, 2 * C, seed=3), expected)
+
+
 def test_training_mode_is_refused():
     m = GPT(CONFIG, rngs=nnx.Rngs(0))
     m.train()
