@@ -3,7 +3,7 @@
     python -m benchmarks.profile_decode [--batch 1] [--steps 127] [--rounds 15]
 
 Compiles `jaxgpt.engine.advance` (the generation loop) for the published configuration twice,
-as shipped (`engine.COMPILER_OPTIONS`: XLA:CPU copy insertion with region analysis) and
+as shipped (`engine.COMPILER_OPTIONS["cpu"]`: XLA:CPU copy insertion with region analysis) and
 without those options, and prints for each: the number of whole-cache copies per iteration of
 the compiled decode loop (XLA copies every block's KV cache when it cannot prove the attention
 read comes before the in-place write of the new position), and the time of
@@ -65,11 +65,9 @@ def main(argv=None) -> None:
     cache_elements = b * cfg.num_heads * cfg.context_length * cfg.head_size
 
     variants = {}
-    for name, options in [("as shipped", engine.COMPILER_OPTIONS), ("without region analysis", None)]:
-        start = jax.jit(engine.start.__wrapped__, static_argnames=("graphdef",), donate_argnames=("cache",),
-                        keep_unused=True, compiler_options=options)
-        advance = jax.jit(engine.advance.__wrapped__, static_argnames=("graphdef", "keep"),
-                          donate_argnames=("carry",), compiler_options=options)
+    for name, options in [("as shipped", engine.COMPILER_OPTIONS["cpu"]), ("without region analysis", None)]:
+        start = jax.jit(engine.start.__wrapped__, compiler_options=options, **engine.START_JIT)
+        advance = jax.jit(engine.advance.__wrapped__, compiler_options=options, **engine.ADVANCE_JIT)
 
         def run(start=start, advance=advance, lower=False):
             stream = np.zeros((b, stream_len), np.int32)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +55,8 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 # updated in place within one iteration unless the data flow alone orders the read first. A
 # decode step reads each block's KV cache (attention) and then writes one position into it,
 # so without region analysis every cache was copied twice per step (24 copies of 129 KB per
-# token at batch 1). Only a CPU option: other backends ignore it.
-COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# token at batch 1). Passed only when compiling for CPU devices (see `_for_platform`).
+COMPILER_OPTIONS = {"cpu": {"xla_cpu_copy_insertion_use_region_analysis": True}}
 
 
 class StaticGraph:
@@ -115,10 +115,26 @@ def new_cache(config, batch: int, dtype, rows: jax.sharding.Sharding | None = No
     return cache
 
 
-# keep_unused: the cache's values are never read (it is cleared), and jit would otherwise drop
-# the argument, and with it the donation that lets the output reuse its memory.
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",), keep_unused=True,
-                   compiler_options=COMPILER_OPTIONS)
+def _for_platform(fn, **jit_kwargs):
+    """`fn` jitted once per platform, with that platform's `COMPILER_OPTIONS`.
+
+    Returns a function that runs the program of the platform the parameters (`state`, the
+    second argument) live on; it keeps `fn`'s name, docstring and, as `__wrapped__`, `fn`.
+    """
+    programs: dict[str, Callable] = {}
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        leaf = jax.tree.leaves(args[1] if len(args) > 1 else kwargs["state"])[0]
+        platform = (next(iter(leaf.sharding.device_set)).platform if isinstance(leaf, jax.Array)
+                    else jax.default_backend())
+        if platform not in programs:
+            programs[platform] = jax.jit(fn, compiler_options=COMPILER_OPTIONS.get(platform), **jit_kwargs)
+        return programs[platform](*args, **kwargs)
+
+    return run
+
+
 def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, cache: KVCache) -> KVCache:
     """Clears `cache` in place, then prefills it with the prompt but its last token, at 0..P-1.
 
@@ -148,8 +164,12 @@ def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, cache: KV
     return cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "keep"), donate_argnames=("carry",),
-                   compiler_options=COMPILER_OPTIONS)
+# keep_unused: the cache's values are never read (it is cleared), and jit would otherwise drop
+# the argument, and with it the donation that lets the output reuse its memory.
+START_JIT = dict(static_argnames=("graphdef",), donate_argnames=("cache",), keep_unused=True)
+start = _for_platform(start, **START_JIT)
+
+
 def advance(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, prompt_len: jax.Array,
             first: jax.Array, last: jax.Array, seed: jax.Array, params: SamplingParams, *, keep: int,
             first_row: jax.Array | int = 0) -> Carry:
@@ -206,3 +226,7 @@ def advance(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, prompt_len: 
     carry, j = decode_run(first, carry)
     _, carry = jax.lax.while_loop(lambda loop: loop[0] < last, segment, (j, carry))
     return carry
+
+
+ADVANCE_JIT = dict(static_argnames=("graphdef", "keep"), donate_argnames=("carry",))
+advance = _for_platform(advance, **ADVANCE_JIT)
