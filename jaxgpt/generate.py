@@ -42,15 +42,15 @@ same on any number of devices. `devices=1` runs on one device; see `stream_token
 
 Compilation (see engine.py): the prefill (`engine.start`) once per model configuration/dtype,
 batch size (after padding to the device count), device set and prefill bucket (the prompt
-length minus one, rounded up to a power of two: 0, 1, 2, 4, ..., C); the loop (`engine.advance`) once per
-model configuration/dtype, batch size, device set, stream length (prompt bucket, powers of two
-from 16 capped at C, plus num_new bucket, powers of two from 64) and mode/stride. The prefill
-buckets are fine because prefill cost grows with the padded length (a 1-character prompt at
-batch 64 would otherwise pay for 16 positions per row before the first character); the loop's
-are coarse because a loop program is the larger compile. Changing the number of devices (or
-the batch size) compiles anew; changing the seed, temperature, top_k, top_p, prompt content,
-prompt length within its buckets, num_new within its bucket, or the chunk size never
-recompiles.
+length minus one, rounded up to a power of two: 0, 1, 2, 4, ..., C); the loop
+(`engine.advance`) once per model configuration/dtype, batch size, device set, stream length
+(prompt bucket, powers of two from 16 capped at C, plus num_new bucket, powers of two from 64)
+and mode/stride. The prefill buckets are fine because prefill cost grows with the padded
+length (a 1-character prompt at batch 64 would otherwise pay for 16 positions per row before
+the first character); the loop's are coarse because a loop program is the larger compile.
+Changing the number of devices (or the batch size) compiles anew; changing the seed,
+temperature, top_k, top_p, prompt content, prompt length within its buckets, num_new within
+its bucket, or the chunk size never recompiles.
 """
 
 from __future__ import annotations
