@@ -78,6 +78,49 @@ def _project_bwd(residuals, g):
 _project.defvjp(_project_fwd, _project_bwd)
 
 
+@jax.custom_vjp
+def causal_attention(q, k, v):
+    """Causal softmax attention of every position to itself and the earlier ones.
+
+    Args:
+      q, k, v: `(B, H, T, K)` queries, keys and values of positions 0..T-1.
+
+    Returns:
+      `(B, H, T, K)`: row t is softmax(q_t . k_s / sqrt(K) over s <= t) weighted sum of v_s.
+
+    Same values as autodiff of the plain formula, with a hand-written backward that keeps the
+    attention probabilities of the forward and computes the key and value gradients
+    transposed, `(B, H, K, T)`: XLA:CPU's batched products run `dO^T @ P` about 1.7x as fast
+    as `P^T @ dO` (measured at B=16, H=6, T=128, K=42). The optimization barriers stop XLA
+    from folding the following transposes back into those products. Measured on a
+    published-size training step (batch 16, 30 interleaved rounds): 4% faster than autodiff.
+    """
+    return _causal_attention_fwd(q, k, v)[0]
+
+
+def _causal_attention_fwd(q, k, v):
+    t = q.shape[2]
+    scores = jnp.einsum("bhtk,bhsk->bhts", q, k) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    scores = jnp.where(jnp.arange(t)[None, :] <= jnp.arange(t)[:, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)  # (B, H, T, T), zero above the diagonal
+    return jnp.einsum("bhts,bhsk->bhtk", probs, v), (q, k, v, probs)
+
+
+def _causal_attention_bwd(residuals, d_out):  # d_out (B, H, T, K)
+    q, k, v, probs = residuals
+    scale = 1 / math.sqrt(q.shape[-1])
+    d_v = jax.lax.optimization_barrier(jnp.einsum("bhtk,bhts->bhks", d_out, probs)).swapaxes(2, 3)  # (B, H, T, K)
+    d_probs = jnp.einsum("bhtk,bhsk->bhts", d_out, v)  # (B, H, T, T)
+    # softmax backward; masked entries have probs 0 and so get no gradient
+    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True)) * scale
+    d_q = jnp.einsum("bhts,bhsk->bhtk", d_scores, k)
+    d_k = jax.lax.optimization_barrier(jnp.einsum("bhtk,bhts->bhks", q, d_scores)).swapaxes(2, 3)  # (B, H, T, K)
+    return d_q, d_k, d_v
+
+
+causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+
+
 def _layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # use_fast_variance=False: torch computes the biased variance as mean((x - mean)^2), not
     # mean(x^2) - mean^2, which loses precision and would cost the 1e-5 parity.
@@ -120,27 +163,30 @@ class Attention(nnx.Module):
         """
         w = self.qkv[...]
         qkv = _project(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:2], *w.shape[1:])  # (B, T, 3, H, K)
-        q = qkv[:, :, 0]  # (B, T, H, K)
-        k, v = qkv[:, :, 1].transpose(0, 2, 1, 3), qkv[:, :, 2].transpose(0, 2, 1, 3)  # (B, H, T, K)
-        query_positions = positions
-        if last_only:
-            q, query_positions = q[:, -1:], positions[-1:]  # (B, 1, H, K), (1,)
-        scale = math.sqrt(self.head_size)
-        scores = jnp.einsum("bthk,bhsk->bhts", q, k) / scale  # (B, H, T, T) over the new keys
-        scores = jnp.where(positions[None, :] <= query_positions[:, None], scores, -jnp.inf)
-        if cache is None or (isinstance(start, int) and start == 0):
-            heads = jnp.einsum("bhts,bhsk->bthk", jax.nn.softmax(scores, axis=-1), v)  # (B, T, H, K)
+        q_heads, k, v = qkv.transpose(2, 0, 3, 1, 4)  # (B, H, T, K) each
+        fresh = cache is None or (isinstance(start, int) and start == 0)  # nothing cached to attend to
+        if fresh and not last_only:  # training, evaluation, prefill
+            heads = causal_attention(q_heads, k, v).transpose(0, 2, 1, 3)  # (B, T, H, K)
         else:
-            # The cached keys are read as they were before this call and the new ones are
-            # written afterwards, not written first and read back: XLA can then update the
-            # cache in place (with copy-insertion region analysis, see engine.py) instead of
-            # copying every block's cache on every decode step.
-            cached = jnp.einsum("bthk,bhks->bhts", q, cache.k) / scale  # (B, H, T, C)
-            cached = jnp.where(jnp.arange(cached.shape[-1]) < start, cached, -jnp.inf)
-            probs = jax.nn.softmax(jnp.concatenate([cached, scores], axis=-1), axis=-1)  # (B, H, T, C + T)
-            c = cached.shape[-1]
-            heads = (jnp.einsum("bhts,bhsk->bthk", probs[..., :c], cache.v)
-                     + jnp.einsum("bhts,bhsk->bthk", probs[..., c:], v))  # (B, T, H, K)
+            q, query_positions = qkv[:, :, 0], positions  # (B, T, H, K), (T,)
+            if last_only:
+                q, query_positions = q[:, -1:], positions[-1:]  # (B, 1, H, K), (1,)
+            scale = math.sqrt(self.head_size)
+            scores = jnp.einsum("bthk,bhsk->bhts", q, k) / scale  # (B, H, T', T) over the new keys
+            scores = jnp.where(positions[None, :] <= query_positions[:, None], scores, -jnp.inf)
+            if fresh:
+                heads = jnp.einsum("bhts,bhsk->bthk", jax.nn.softmax(scores, axis=-1), v)  # (B, 1, H, K)
+            else:
+                # The cached keys are read as they were before this call and the new ones are
+                # written afterwards, not written first and read back: XLA can then update the
+                # cache in place (with copy-insertion region analysis, see engine.py) instead
+                # of copying every block's cache on every decode step.
+                cached = jnp.einsum("bthk,bhks->bhts", q, cache.k) / scale  # (B, H, T', C)
+                cached = jnp.where(jnp.arange(cached.shape[-1]) < start, cached, -jnp.inf)
+                probs = jax.nn.softmax(jnp.concatenate([cached, scores], axis=-1), axis=-1)  # (B, H, T', C + T)
+                c = cached.shape[-1]
+                heads = (jnp.einsum("bhts,bhsk->bthk", probs[..., :c], cache.v)
+                         + jnp.einsum("bhts,bhsk->bthk", probs[..., c:], v))  # (B, T', H, K)
         if cache is not None:
             cache = LayerCache(
                 jax.lax.dynamic_update_slice(cache.k, k.swapaxes(2, 3).astype(cache.k.dtype), (0, 0, 0, start)),
