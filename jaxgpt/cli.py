@@ -68,6 +68,11 @@ def load_vocab(vocab_path: str | None, weights_path: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxgpt.host_memory import reuse_host_memory
+
+    # Before any JAX work: XLA:CPU's per-call scratch buffer is then reused, not page-faulted
+    # afresh on every training step (a no-op when JAX already runs, e.g. in the tests).
+    reuse_host_memory()
     _register_all()
     try:
         result = app.main(args=argv, prog_name="jaxgpt", standalone_mode=False)

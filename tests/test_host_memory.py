@@ -1,0 +1,53 @@
+"""jaxgpt.host_memory: XLA:CPU's scratch buffer is reused instead of page-faulted per call."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+from jaxgpt.host_memory import reuse_host_memory
+
+# One fresh process per setting (the malloc settings must come before JAX starts): it compiles
+# a program with a scratch buffer over glibc's 64 MB arena limit and counts the page faults
+# of its third call.
+_PROGRAM = textwrap.dedent("""
+    import json, resource, sys
+    from jaxgpt.host_memory import reuse_host_memory
+    applied = reuse_host_memory() if sys.argv[1] == "on" else False
+    import jax, jax.numpy as jnp
+    x = jnp.linspace(0.0, 1.0, 5000)
+    f = jax.jit(lambda x: jnp.sin(jnp.outer(x, x)) @ x)  # (5000, 5000) intermediate: 100 MB
+    temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
+    for _ in range(2):
+        f(x).block_until_ready()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x).block_until_ready()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    print(json.dumps({"applied": applied, "temp_bytes": temp, "faults": faults}))
+""")
+
+
+def _run(setting: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PROGRAM, setting], capture_output=True, text=True, check=True,
+                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux only")
+def test_scratch_buffer_is_reused_not_faulted_afresh():
+    off, on = _run("off"), _run("on")
+    pages = off["temp_bytes"] // 4096
+    assert off["temp_bytes"] > 64 * 2**20  # the case glibc serves with a fresh mmap per call
+    assert off["faults"] >= pages // 2, off  # without reuse: the buffer's pages fault in again
+    assert on["applied"] is True
+    assert on["faults"] < pages // 20, on  # with it: the buffer is already mapped
+
+
+def test_refuses_once_jax_runs():
+    jax.numpy.zeros(1).block_until_ready()  # the backends exist now
+    assert reuse_host_memory() is False
