@@ -131,7 +131,8 @@ def _flops_summary(config) -> dict:
     }
 
 
-def _notes(suite, torch_threads, load_start, load_end, rows) -> list[str]:
+def _notes(suite, torch_threads, load_start, load_end, rows, host_memory_reuse: bool = False,
+           ratios: dict | None = None) -> list[str]:
     compiled = [r for r in rows if "compiled" in r.get("impl", "") and "first_run_s" in r]
     notes = [
         f"{suite.reps} measured rounds per group after {suite.warmup} warm-up round(s), which are excluded: they pay "
@@ -168,6 +169,17 @@ def _notes(suite, torch_threads, load_start, load_end, rows) -> list[str]:
     if compiled:
         firsts = ", ".join(f"{r['name']}: {r['first_run_s']:.0f} s" for r in compiled)
         notes.append(f"torch.compile (inductor, static shapes) first runs including compilation: {firsts}.")
+    for r in (ratios or {}).values():
+        if "matmul_floor" in r:
+            fl = r["matmul_floor"]
+            notes.append(f"Training step: its matrix products alone (benchmarks/matmul_floor.py, {fl['gflop']:.1f} GFLOP) "
+                         f"take {fl['seconds']:.3f} s in jax ({fl['gflop_per_s']:.0f} GFLOP/s); the jaxgpt step is "
+                         f"{fl['jaxgpt_step_over_floor']:.2f}x that, and no step on these kernels could beat torch's by "
+                         f"more than {fl['best_possible_ratio']:.2f}x here.")
+    notes.append("Host memory reuse (jaxgpt.host_memory, as in the jaxgpt CLI): "
+                 + ("on for this process, both frameworks: glibc keeps freed memory, so XLA:CPU's per-call scratch "
+                    "buffer is not page-faulted afresh on every call." if host_memory_reuse else
+                    "off (not Linux/glibc, or JAX had started): XLA:CPU's scratch buffers are mapped afresh per call."))
     return notes
 
 
@@ -193,6 +205,9 @@ def _train_at_best_threads(module):
 
 
 def main(argv=None) -> int:
+    from jaxgpt.host_memory import reuse_host_memory
+
+    host_memory_reuse = reuse_host_memory()  # as the jaxgpt CLI does; before JAX starts
     parser, args = _parse(argv)
     suite = _suite(args, parser)
     torch_device = _setup_device(args.device)
@@ -247,7 +262,8 @@ def main(argv=None) -> int:
                                  f"C {cfg.context_length}, D {cfg.model_dim}, L {cfg.num_blocks}, H {cfg.num_heads})",
                   "num_params": cfg.num_params()},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average_start": load_start, "load_average_end": os.getloadavg()[0]},
+                    "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
+                    "host_memory_reuse": host_memory_reuse},
         "settings": {k: v for k, v in vars(suite).items() if k != "model"},
         "limits": limits.as_dict() if limits is not None else None,
         "flops_per_char": _flops_summary(cfg),
@@ -256,7 +272,8 @@ def main(argv=None) -> int:
         "parity": parity,
         "elapsed_s": time.perf_counter() - began,
     }
-    doc["notes"] = _notes(suite, torch.get_num_threads(), load_start, os.getloadavg()[0], rows)
+    doc["notes"] = _notes(suite, torch.get_num_threads(), load_start, os.getloadavg()[0], rows, host_memory_reuse,
+                          ratios)
     report.check_document(doc)
     if args.json:
         report.write_json(doc, args.json)

@@ -209,9 +209,12 @@ def agreement(model, batch: int = 8, seed: int = 0) -> dict:
 
 
 def speed_cases(model, batch: int, seed: int = 0) -> dict:
-    """{"torch": case, "jaxgpt": case}: one training step each (dropout on), same batch and weights."""
+    """{"torch": case, "jaxgpt": case, "jax matmuls only": case}: one training step each (dropout
+    on), same batch and weights; and the step's matrix products alone (`benchmarks.matmul_floor`)."""
+    import jax
     import torch
 
+    from benchmarks import matmul_floor
     from jaxgpt.evaluate import torch_reference
     from jaxgpt.train import make_schedule
 
@@ -235,7 +238,14 @@ def speed_cases(model, batch: int, seed: int = 0) -> dict:
         jax_step(x, y)  # waits for the device
         return {"seconds": time.perf_counter() - begin}
 
-    return {"torch": torch_case, "jaxgpt": jax_case}
+    products, operands = matmul_floor.matmuls_program(config, batch, seed)
+
+    def floor_case(warm):
+        begin = time.perf_counter()
+        jax.block_until_ready(products(*operands))
+        return {"seconds": time.perf_counter() - begin}
+
+    return {"torch": torch_case, "jaxgpt": jax_case, "jax matmuls only": floor_case}
 
 
 def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = 1, check_batch: int = 8, progress=None) -> dict:
@@ -256,6 +266,7 @@ def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = 1, check_b
     import torch
     from flax import nnx
 
+    from benchmarks import matmul_floor
     from jaxgpt.config import PUBLISHED
     from jaxgpt.model import GPT
 
@@ -272,6 +283,11 @@ def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = 1, check_b
         frameworks[name] = {"seconds": st.as_dict(), "tokens_per_s": tokens / st.median,
                             "first_step_s": m.warmups[0]["seconds"] if m.warmups else None}
     ratio = paired_ratio(measured["torch"].runs, measured["jaxgpt"].runs)
+    floor_s = frameworks["jax matmuls only"]["seconds"]["median"]
+    floor = {"seconds": floor_s, "gflop": matmul_floor.flops(config, batch) / 1e9,
+             "gflop_per_s": matmul_floor.flops(config, batch) / 1e9 / floor_s,
+             "jaxgpt_step_over_floor": frameworks["jaxgpt"]["seconds"]["median"] / floor_s,
+             "best_possible_ratio": frameworks["torch"]["seconds"]["median"] / floor_s}
     return {
         "what": f"one training step ({batch} x {config.context_length}, dropout {config.dropout}, clip + AdamW): "
                 "jaxgpt vs the notebook's torch model",
@@ -285,6 +301,7 @@ def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = 1, check_b
         "frameworks": frameworks,
         "ratio": ratio["ratio"],
         "paired": ratio["paired"],
+        "matmul_floor": floor,
         "agreement": check,
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "jax_backend": jax.default_backend(), "load_average_start": load_start,
@@ -319,13 +336,13 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
             row["agreement"] = result["agreement"]
         rows.append(roofline.annotate(row, flops, roofline.weight_bytes(cfg), limits))
     ratios = {f"train_step_b{batch}": {"what": result["what"], "ratio": result["ratio"], "paired": result["paired"],
-                                      "agreement_ok": result["agreement"]["ok"]}}
+                                      "agreement_ok": result["agreement"]["ok"], "matmul_floor": result["matmul_floor"]}}
     return rows, ratios
 
 
 def markdown(result: dict) -> str:
     """A short Markdown report of `measure`'s result."""
-    c, a, m = result["config"], result["agreement"], result["machine"]
+    c, a, m, fl = result["config"], result["agreement"], result["machine"], result["matmul_floor"]
     lines = [
         "# Training step: jaxgpt vs the notebook's torch model",
         "",
@@ -334,7 +351,8 @@ def markdown(result: dict) -> str:
         f"- batch: {result['batch']} x {c['context_length']} = {result['tokens_per_step']:,} tokens per step; "
         f"{result['reps']} interleaved rounds after {result['warmup']} discarded",
         f"- machine: {m['cpu_count']} CPU cores, torch threads {m['torch_threads']}, jax backend {m['jax_backend']}; "
-        f"load average {m['load_average_start']:.1f} at start, {m['load_average_end']:.1f} at end",
+        f"load average {m['load_average_start']:.1f} at start, {m['load_average_end']:.1f} at end; host memory "
+        f"reuse (jaxgpt.host_memory) {'on' if m.get('host_memory_reuse') else 'off'}",
         f"- versions: jax {result['versions']['jax']}, torch {result['versions']['torch']}",
         "",
         "| framework | median s/step | q1 - q3 | min - max | tokens/s | first step s |",
@@ -349,6 +367,11 @@ def markdown(result: dict) -> str:
         "",
         f"**Speed-up (torch median / jaxgpt median): {result['ratio']:.2f}x**; per-round ratios: median "
         f"{p['median']:.2f}, min {p['min']:.2f}, max {p['max']:.2f} over {p['n']} rounds.",
+        "",
+        f"The step's matrix products alone (`benchmarks/matmul_floor.py`: {fl['gflop']:.1f} GFLOP, no normalisation, "
+        f"softmax, dropout, loss or optimizer) take {fl['seconds']:.3f} s in jax ({fl['gflop_per_s']:.0f} GFLOP/s): "
+        f"the jaxgpt step is {fl['jaxgpt_step_over_floor']:.2f}x that, and no step built on these kernels could be "
+        f"more than {fl['best_possible_ratio']:.2f}x faster than torch's on this machine.",
         "",
         f"Agreement from identical weights, dropout off (batch {a['batch']}, batch seed {a['batch_seed']}):",
         "",
@@ -379,6 +402,10 @@ def _write(path: str, text: str) -> None:
 def main(argv=None) -> int:
     import json
 
+    from jaxgpt.host_memory import reuse_host_memory
+
+    host_memory_reuse = reuse_host_memory()  # as the jaxgpt CLI does; before JAX starts
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="batch 16 and 3 rounds instead of 64 and 5")
     p.add_argument("--batch", type=int, help="rows per step (default 64, quick 16)")
@@ -396,6 +423,7 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - began:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     result = measure(batch=batch, reps=reps, progress=progress)
+    result["machine"]["host_memory_reuse"] = host_memory_reuse
     report = markdown(result)
     print(report)
     if args.json:

@@ -162,3 +162,38 @@ def test_tiny_suite_end_to_end(tmp_path, capsys):
     assert doc["parity"]["sampled"]["agreement"] == 1.0
     assert np.isfinite(doc["flops_per_char"]["window_step"])
     assert "## Ratios" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- training step
+def test_matmul_floor_program_computes_every_product_of_a_step():
+    from benchmarks import matmul_floor
+
+    config = GPTConfig(vocab_size=9, context_length=8, model_dim=12, num_blocks=2, num_heads=3)
+    run, operands = matmul_floor.matmuls_program(config, batch=2)
+    products = run(*operands)
+    rows, b, h, t, k = 16, 2, 3, 8, 4
+    want = []
+    for i, o in [(12, 36), (12, 12), (12, 48), (48, 12)] * 2 + [(12, 9)]:
+        want += [(rows, o), (rows, i), (i, o)]  # forward, input gradient, weight gradient
+    want += [(b, h, t, t), (b, h, t, k), (b, h, t, t), (b, h, t, k), (b, h, t, k), (b, h, t, k)] * 2
+    assert [p.shape for p in products] == want
+    x, w, g = (np.asarray(a) for a in operands[0][0])
+    np.testing.assert_allclose(np.asarray(products[2]), x.T @ g, rtol=1e-5, atol=1e-4)
+    linear = 3 * 2 * rows * sum(i * o for i, o in matmul_floor.projections(config))
+    assert matmul_floor.flops(config, 2) == linear + 2 * 6 * 2 * b * h * t * t * k
+
+
+def test_train_step_benchmark_reports_agreement_and_the_matmul_floor():
+    from flax import nnx
+
+    from benchmarks import train_step
+    from jaxgpt import GPT
+
+    result = train_step.measure(GPT(SMALL, rngs=nnx.Rngs(0)), batch=2, reps=2, check_batch=2)
+    assert set(result["frameworks"]) == {"torch", "jaxgpt", "jax matmuls only"}
+    assert result["agreement"]["ok"] and result["agreement"]["grad_max_abs_diff"] <= 1e-5
+    floor = result["matmul_floor"]
+    assert floor["seconds"] > 0 and floor["best_possible_ratio"] > 0
+    assert floor["jaxgpt_step_over_floor"] == pytest.approx(
+        result["frameworks"]["jaxgpt"]["seconds"]["median"] / floor["seconds"])
+    assert "matrix products alone" in train_step.markdown(result)
