@@ -10,8 +10,10 @@ allocations are recycled by its allocator.
 
 `reuse_host_memory()` makes glibc keep such memory instead: one malloc arena (the main one,
 which grows without the 64 MB limit), no `mmap` for large blocks and no trimming of the heap.
-The next call then gets the same, already mapped buffer. Measured: no page faults after the
-first step and a ~12% faster training step (benchmarks/train_step.py, 7 interleaved rounds).
+The next call then gets the same, already mapped buffer, most of the time: small allocations
+around the buffer fragment the heap, and glibc grows it now and then (in 40 published-size
+training steps, 1-2 after the first still faulted the buffer in). Measured: a ~12% faster
+training step (benchmarks/train_step.py, 7 interleaved rounds).
 The cost: the process never hands freed heap memory back to the system, so its resident size
 stays at its peak. `jaxgpt` CLI commands turn it on; scripts call it themselves, first thing.
 """

@@ -14,7 +14,10 @@ from jaxgpt.host_memory import reuse_host_memory
 
 # One fresh process per setting (the malloc settings must come before JAX starts): it compiles
 # a program with a scratch buffer over glibc's 64 MB arena limit and counts the page faults
-# of its third call.
+# of each of 16 calls. With reuse some calls still fault the buffer in: the heap is
+# fragmented by small allocations around the 64-byte-aligned buffer and glibc grows it now
+# and then (6-13 of 16 calls of this small program were fault-free in 10 runs; 38-39 of 40
+# training steps). Without reuse no call is.
 _PROGRAM = textwrap.dedent("""
     import json, resource, sys
     from jaxgpt.host_memory import reuse_host_memory
@@ -23,11 +26,11 @@ _PROGRAM = textwrap.dedent("""
     x = jnp.linspace(0.0, 1.0, 5000)
     f = jax.jit(lambda x: jnp.sin(jnp.outer(x, x)) @ x)  # (5000, 5000) intermediate: 100 MB
     temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
-    for _ in range(2):
+    faults = []
+    for _ in range(16):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         f(x).block_until_ready()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    f(x).block_until_ready()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print(json.dumps({"applied": applied, "temp_bytes": temp, "faults": faults}))
 """)
 
@@ -43,9 +46,10 @@ def test_scratch_buffer_is_reused_not_faulted_afresh():
     off, on = _run("off"), _run("on")
     pages = off["temp_bytes"] // 4096
     assert off["temp_bytes"] > 64 * 2**20  # the case glibc serves with a fresh mmap per call
-    assert off["faults"] >= pages // 2, off  # without reuse: the buffer's pages fault in again
+    fault_free = lambda run: sum(f < pages // 20 for f in run["faults"])
+    assert fault_free(off) == 0 and min(off["faults"]) >= pages // 2, off  # every call faults it in
     assert on["applied"] is True
-    assert on["faults"] < pages // 20, on  # with it: the buffer is already mapped
+    assert fault_free(on) >= 3, on  # with reuse, calls find the buffer already mapped
 
 
 def test_refuses_once_jax_runs():
