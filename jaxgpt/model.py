@@ -12,6 +12,7 @@ stream, or a key). `model.eval()` turns it off again.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -122,10 +123,50 @@ def _causal_attention_bwd(residuals, d_out):  # d_out (B, H, T, K)
 causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
-def _layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # use_fast_variance=False: torch computes the biased variance as mean((x - mean)^2), not
-    # mean(x^2) - mean^2, which loses precision and would cost the 1e-5 parity.
-    return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPS, use_fast_variance=False, rngs=rngs)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps=LAYER_NORM_EPS):
+    """torch.nn.LayerNorm over the last axis: x `(..., D)`, scale and bias `(D,)` -> `(..., D)`.
+
+    The variance is torch's biased mean((x - mean)^2), not mean(x^2) - mean^2, which loses
+    precision and would cost the 1e-5 parity. The forward is flax's `nnx.LayerNorm` with
+    `use_fast_variance=False`, operation for operation. The backward is written by hand,
+    dx = rstd * (g' - mean(g') - x_hat * mean(g' * x_hat)) with g' = g * scale: autodiff of the
+    forward gives XLA:CPU a chain of small terms per norm that it fuses into every consumer of
+    the residual stream's gradient, recomputing the terms of all later blocks there (fusions of
+    up to 94 inputs at the published config, quadratic in depth). Measured on a published-size
+    training step (batch 16): 8% faster.
+    """
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    mean = x.mean(-1, keepdims=True)  # (..., 1)
+    centred = x - mean
+    rstd = jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)  # (..., 1)
+    return centred * (rstd * scale) + bias, (centred * rstd, rstd, scale)
+
+
+def _layer_norm_bwd(eps, residuals, g):  # g (..., D)
+    x_hat, rstd, scale = residuals
+    g_hat = g * scale
+    d_x = rstd * (g_hat - g_hat.mean(-1, keepdims=True) - x_hat * (g_hat * x_hat).mean(-1, keepdims=True))
+    batch_axes = tuple(range(g.ndim - 1))
+    return d_x, (g * x_hat).sum(batch_axes), g.sum(batch_axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nnx.Module):
+    """torch's default LayerNorm (eps 1e-5, biased variance, affine) with `layer_norm`'s backward."""
+
+    def __init__(self, dim: int, *, eps: float = LAYER_NORM_EPS):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,)))  # torch's `weight`
+        self.bias = nnx.Param(jnp.zeros((dim,)))
+
+    def __call__(self, x):  # (..., D) -> (..., D)
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
 class Attention(nnx.Module):
@@ -219,9 +260,9 @@ class Block(nnx.Module):
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         d = config.model_dim
-        self.norm1 = _layer_norm(d, rngs)
+        self.norm1 = LayerNorm(d)
         self.attention = Attention(config, rngs=rngs)
-        self.norm2 = _layer_norm(d, rngs)
+        self.norm2 = LayerNorm(d)
         self.mlp = MLP(config, rngs=rngs)
         # The "learning" notebook has no dropout on the attention branch.
         self.attention_dropout = (
@@ -249,7 +290,7 @@ class GPT(nnx.Module):
         self.token_embedding = nnx.Embed(config.vocab_size, d, embedding_init=_init, rngs=rngs)
         self.pos_embedding = nnx.Embed(config.context_length, d, embedding_init=_init, rngs=rngs)
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_blocks)])
-        self.final_norm = _layer_norm(d, rngs)
+        self.final_norm = LayerNorm(d)
         self.vocab_projection = nnx.Linear(d, config.vocab_size, kernel_init=_init, rngs=rngs)
 
     def __call__(self, tokens, *, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:

@@ -216,3 +216,28 @@ def test_causal_attention_backward_matches_autodiff():
     only_first[:, :, 0] = 1.0
     _, d_k, d_v = vjp(only_first)
     assert np.all(np.asarray(d_k)[:, :, 1:] == 0) and np.all(np.asarray(d_v)[:, :, 1:] == 0)
+
+
+def test_layer_norm_is_flax_s_forward_with_the_autodiff_gradients():
+    """`jaxgpt.model.layer_norm`: flax's LayerNorm (torch's variance) bit for bit, and its
+    hand-written backward equals autodiff of that forward for x, scale and bias."""
+    from jaxgpt.model import layer_norm
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(0, 2, (3, 5, 16)) + 4).astype(np.float32)  # an offset mean tests the centring
+    scale, bias = rng.normal(1, 0.5, 16).astype(np.float32), rng.normal(0, 0.5, 16).astype(np.float32)
+    d_out = rng.normal(0, 1, x.shape).astype(np.float32)
+    graphdef, _ = nnx.split(nnx.LayerNorm(16, epsilon=EPS, use_fast_variance=False, rngs=nnx.Rngs(0)))
+
+    def plain(x, scale, bias):  # flax's module, differentiated by JAX
+        return nnx.merge(graphdef, nnx.State({"scale": nnx.Param(scale), "bias": nnx.Param(bias)}))(x)
+
+    out, vjp = jax.jit(lambda *a: jax.vjp(layer_norm, *a))(x, scale, bias)
+    want_out, want_vjp = jax.jit(lambda *a: jax.vjp(plain, *a))(x, scale, bias)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want_out))
+    for got, want in zip(vjp(d_out), want_vjp(d_out)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5 * np.abs(want).max())
+    # The input gradient of a normalisation is orthogonal to constant shifts of the input.
+    d_x = np.asarray(vjp(d_out)[0])
+    np.testing.assert_allclose(d_x.sum(-1), 0, atol=1e-5)
