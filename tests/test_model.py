@@ -192,30 +192,32 @@ def test_last_only_gives_the_last_logits_and_the_same_cache(variant):
     np.testing.assert_allclose(np.asarray(last_nocache), np.asarray(full)[:, -1:], rtol=0, atol=1e-5)
 
 
-def _plain_causal_attention(q, k, v):  # (B, H, T, K) each: the formula, differentiated by JAX
+def _plain_causal_attention(qkv):  # (B, T, 3, H, K): the formula, differentiated by JAX
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # (B, H, T, K) each
     t = q.shape[2]
     scores = jax.numpy.einsum("bhtk,bhsk->bhts", q, k) / math.sqrt(q.shape[-1])
     scores = jax.numpy.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
-    return jax.numpy.einsum("bhts,bhsk->bhtk", jax.nn.softmax(scores, axis=-1), v)
+    return jax.numpy.einsum("bhts,bhsk->bthk", jax.nn.softmax(scores, axis=-1), v)  # (B, T, H, K)
 
 
 def test_causal_attention_backward_matches_autodiff():
     from jaxgpt.model import causal_attention
 
     rng = np.random.default_rng(7)
-    q, k, v, d_out = (rng.normal(0, 1, (2, 3, 5, 4)).astype(np.float32) for _ in range(4))
-    out, vjp = jax.jit(lambda *a: jax.vjp(causal_attention, *a))(q, k, v)
-    want_out, want_vjp = jax.vjp(_plain_causal_attention, q, k, v)
+    qkv = rng.normal(0, 1, (2, 5, 3, 3, 4)).astype(np.float32)  # B, T, (q, k, v), H, K
+    d_out = rng.normal(0, 1, (2, 5, 3, 4)).astype(np.float32)  # B, T, H, K
+    out, vjp = jax.jit(lambda a: jax.vjp(causal_attention, a))(qkv)
+    want_out, want_vjp = jax.vjp(_plain_causal_attention, qkv)
+    assert out.shape == want_out.shape == d_out.shape
     np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), rtol=0, atol=1e-6)
-    for got, want in zip(vjp(d_out), want_vjp(d_out)):
-        assert got.shape == want.shape == q.shape
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+    (got,), (want,) = vjp(d_out), want_vjp(d_out)
+    assert got.shape == want.shape == qkv.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
     # A query's output must not depend on later keys or values: their gradients are zero.
-    _, vjp = jax.vjp(causal_attention, q, k, v)
     only_first = np.zeros_like(d_out)
-    only_first[:, :, 0] = 1.0
-    _, d_k, d_v = vjp(only_first)
-    assert np.all(np.asarray(d_k)[:, :, 1:] == 0) and np.all(np.asarray(d_v)[:, :, 1:] == 0)
+    only_first[:, 0] = 1.0
+    (d_qkv,) = vjp(only_first)
+    assert np.all(np.asarray(d_qkv)[:, 1:, 1:] == 0) and np.any(np.asarray(d_qkv)[:, 0, 1:] != 0)
 
 
 def test_layer_norm_is_flax_s_forward_with_the_autodiff_gradients():
