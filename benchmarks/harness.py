@@ -202,14 +202,29 @@ def make_result(name: str, framework: str, impl: str, batch: int, steps: int, me
     return row
 
 
-def cpu_description() -> str:
-    """"cpu: <model name>, <n> cores", the model name from /proc/cpuinfo where there is one."""
-    name = "unknown cpu"
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """"cpu: <model name> (family F model M, <widest SIMD>), <n> cores" from /proc/cpuinfo.
+
+    A bare model name is not enough: cloud machines of one name ("AMD EPYC") differ by
+    generation, and with it by vector width (matrix products on 512-bit AVX-512 cores run at
+    twice the rate of 256-bit ones), so results are only comparable on the same family/model.
+    """
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block describes them all
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if "model name" not in fields:
         import platform
 
-        name = platform.processor() or name
-    return f"cpu: {name}, {os.cpu_count()} cores"
+        return f"cpu: {platform.processor() or 'unknown cpu'}, {os.cpu_count()} cores"
+    flags = set(fields.get("flags", "").split())
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    details = [f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else None, simd]
+    detail = ", ".join(d for d in details if d)
+    return f"cpu: {fields['model name']}{f' ({detail})' if detail else ''}, {os.cpu_count()} cores"

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from benchmarks.harness import interleave, paired_ratio, stats_of
+from benchmarks.harness import cpu_description, interleave, paired_ratio, stats_of
 
 GRAD_TOLERANCE = 1e-5  # max |gradient difference| from identical weights, dropout off
 MAX_BATCH_TRIES = 8  # check batches tried before giving up on one without ReLU ties
@@ -303,7 +303,7 @@ def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = 1, check_b
         "paired": ratio["paired"],
         "matmul_floor": floor,
         "agreement": check,
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_description(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "jax_backend": jax.default_backend(), "load_average_start": load_start,
                     "load_average_end": os.getloadavg()[0]},
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
@@ -343,6 +343,7 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
 def markdown(result: dict) -> str:
     """A short Markdown report of `measure`'s result."""
     c, a, m, fl = result["config"], result["agreement"], result["machine"], result["matmul_floor"]
+    cpu = m.get("cpu", f"{m['cpu_count']} CPU cores")  # results recorded before the CPU was described
     lines = [
         "# Training step: jaxgpt vs the notebook's torch model",
         "",
@@ -350,7 +351,7 @@ def markdown(result: dict) -> str:
         f"D {c['model_dim']}, L {c['num_blocks']}, H {c['num_heads']}), dropout {c['dropout']}",
         f"- batch: {result['batch']} x {c['context_length']} = {result['tokens_per_step']:,} tokens per step; "
         f"{result['reps']} interleaved rounds after {result['warmup']} discarded",
-        f"- machine: {m['cpu_count']} CPU cores, torch threads {m['torch_threads']}, jax backend {m['jax_backend']}; "
+        f"- machine: {cpu}, torch threads {m['torch_threads']}, jax backend {m['jax_backend']}; "
         f"load average {m['load_average_start']:.1f} at start, {m['load_average_end']:.1f} at end; host memory "
         f"reuse (jaxgpt.host_memory) {'on' if m.get('host_memory_reuse') else 'off'}",
         f"- versions: jax {result['versions']['jax']}, torch {result['versions']['torch']}",

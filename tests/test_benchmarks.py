@@ -4,6 +4,7 @@ No timing is asserted (speed is shown by the suite itself); these check structur
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -43,6 +44,17 @@ def test_interleave_excludes_warmups_and_rotates_order():
     firsts = [order[i][0] for i in range(0, 12, 3)]
     assert firsts == ["a", "b", "c", "a"]  # rotated each round
     assert [w for _, w in order[:3]] == [True] * 3 and not any(w for _, w in order[3:])
+
+
+def test_cpu_description_names_the_generation_and_vector_width(tmp_path):
+    info = tmp_path / "cpuinfo"
+    block = "processor\t: {n}\nmodel name\t: AMD EPYC\ncpu family\t: {fam}\nmodel\t\t: 2\nflags\t\t: fpu avx2 {extra}\n\n"
+    info.write_text(block.format(n=0, fam=26, extra="avx512f avx512bw") + block.format(n=1, fam=25, extra=""))
+    cores = os.cpu_count()
+    assert harness.cpu_description(str(info)) == f"cpu: AMD EPYC (family 26 model 2, AVX-512), {cores} cores"
+    info.write_text(block.format(n=0, fam=25, extra=""))
+    assert harness.cpu_description(str(info)) == f"cpu: AMD EPYC (family 25 model 2, AVX2), {cores} cores"
+    assert harness.cpu_description(str(tmp_path / "missing")).endswith(f", {cores} cores")
 
 
 def test_interleave_requires_seconds():
