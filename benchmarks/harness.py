@@ -136,6 +136,21 @@ def interleave(
     return out
 
 
+def timed(run: Callable[[], object]) -> dict[str, float]:
+    """Runs `run()` once: {"seconds": wall time, "page_faults": minor page faults of the process,
+    "system_s": kernel CPU seconds}. On a VM a fault can cost ~10 us, so a run that lands on
+    fresh memory (allocator growth) shows up in the last two, not only as a slower time."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    begin = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - begin
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"seconds": seconds, "page_faults": after.ru_minflt - before.ru_minflt,
+            "system_s": after.ru_stime - before.ru_stime}
+
+
 def paired_ratio(slow: list[dict[str, float]], fast: list[dict[str, float]], slow_key="seconds",
                  fast_key="seconds", slow_scale: float = 1.0) -> dict[str, float]:
     """Speed-up of `fast` over `slow`: ratio of medians, and the spread of per-round ratios.

@@ -26,10 +26,15 @@ import time
 
 import numpy as np
 
-from benchmarks.harness import cpu_description, interleave, paired_ratio, stats_of
+from benchmarks.harness import cpu_description, interleave, paired_ratio, stats_of, timed
 
 GRAD_TOLERANCE = 1e-5  # max |gradient difference| from identical weights, dropout off
 MAX_BATCH_TRIES = 8  # check batches tried before giving up on one without ReLU ties
+# Discarded rounds. Both frameworks allocate from one glibc heap (jaxgpt.host_memory): torch's
+# tensors land in the memory XLA's scratch buffer had, which then grows the heap onto fresh
+# pages (page faults, ~10 us each here) for a few rounds until the heap holds both patterns.
+# A training run without torch in the process settles after its first step.
+WARMUP = 3
 
 
 def _train_config(batch: int, steps: int = 5000):
@@ -229,32 +234,26 @@ def speed_cases(model, batch: int, seed: int = 0) -> dict:
     xt, yt = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
 
     def torch_case(warm):
-        begin = time.perf_counter()
-        torch_step(xt, yt)
-        return {"seconds": time.perf_counter() - begin}
+        return timed(lambda: torch_step(xt, yt))
 
     def jax_case(warm):
-        begin = time.perf_counter()
-        jax_step(x, y)  # waits for the device
-        return {"seconds": time.perf_counter() - begin}
+        return timed(lambda: jax_step(x, y))  # waits for the device
 
     products, operands = matmul_floor.matmuls_program(config, batch, seed)
 
     def floor_case(warm):
-        begin = time.perf_counter()
-        jax.block_until_ready(products(*operands))
-        return {"seconds": time.perf_counter() - begin}
+        return timed(lambda: jax.block_until_ready(products(*operands)))
 
     return {"torch": torch_case, "jaxgpt": jax_case, "jax matmuls only": floor_case}
 
 
-def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = 1, check_batch: int = 8, progress=None) -> dict:
+def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = WARMUP, check_batch: int = 8, progress=None) -> dict:
     """Times both training steps (interleaved) and checks their agreement.
 
     Args:
       model: starting weights (`jaxgpt.GPT`); default seeded random weights of the published config.
       batch: rows of the timed batch (T = context_length).
-      reps, warmup: measured and discarded rounds.
+      reps, warmup: measured and discarded rounds (see `WARMUP`).
       check_batch: rows of the agreement batch.
       progress: optional callback given a short description before each run.
 
@@ -281,7 +280,9 @@ def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = 1, check_b
     for name, m in measured.items():
         st = stats_of(m.runs)
         frameworks[name] = {"seconds": st.as_dict(), "tokens_per_s": tokens / st.median,
-                            "first_step_s": m.warmups[0]["seconds"] if m.warmups else None}
+                            "first_step_s": m.warmups[0]["seconds"] if m.warmups else None,
+                            "page_faults": [r["page_faults"] for r in m.runs],
+                            "system_s": [r["system_s"] for r in m.runs]}
     ratio = paired_ratio(measured["torch"].runs, measured["jaxgpt"].runs)
     floor_s = frameworks["jax matmuls only"]["seconds"]["median"]
     floor = {"seconds": floor_s, "gflop": matmul_floor.flops(config, batch) / 1e9,
@@ -321,7 +322,7 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
     from benchmarks import roofline
 
     batch = 16 if suite.train_quick else 64
-    result = measure(models.jax, batch=batch, reps=suite.reps, warmup=suite.warmup, progress=progress)
+    result = measure(models.jax, batch=batch, reps=suite.reps, warmup=max(suite.warmup, WARMUP), progress=progress)
     cfg, length = models.config, models.config.context_length
     flops = roofline.flops_train_step(cfg, batch, length)
     rows = []
@@ -356,18 +357,21 @@ def markdown(result: dict) -> str:
         f"reuse (jaxgpt.host_memory) {'on' if m.get('host_memory_reuse') else 'off'}",
         f"- versions: jax {result['versions']['jax']}, torch {result['versions']['torch']}",
         "",
-        "| framework | median s/step | q1 - q3 | min - max | tokens/s | first step s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| framework | median s/step | q1 - q3 | min - max | tokens/s | first step s | page faults per round |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, f in result["frameworks"].items():
         s = f["seconds"]
+        faults = ", ".join(f"{n:,}" for n in f["page_faults"]) if "page_faults" in f else "-"
         lines.append(f"| {name} | {s['median']:.3f} | {s['q1']:.3f} - {s['q3']:.3f} | {s['min']:.3f} - {s['max']:.3f} | "
-                     f"{f['tokens_per_s']:,.0f} | {f['first_step_s']:.2f} |")
+                     f"{f['tokens_per_s']:,.0f} | {f['first_step_s']:.2f} | {faults} |")
     p = result["paired"]
     lines += [
         "",
         f"**Speed-up (torch median / jaxgpt median): {result['ratio']:.2f}x**; per-round ratios: median "
-        f"{p['median']:.2f}, min {p['min']:.2f}, max {p['max']:.2f} over {p['n']} rounds.",
+        f"{p['median']:.2f}, min {p['min']:.2f}, max {p['max']:.2f} over {p['n']} rounds. Page faults: both frameworks "
+        "allocate from one glibc heap, and a round whose scratch memory lands on fresh pages pays ~10 us per fault "
+        f"here; {result['warmup']} discarded rounds let the heap settle first (`WARMUP` in benchmarks/train_step.py).",
         "",
         f"The step's matrix products alone (`benchmarks/matmul_floor.py`: {fl['gflop']:.1f} GFLOP, no normalisation, "
         f"softmax, dropout, loss or optimizer) take {fl['seconds']:.3f} s in jax ({fl['gflop_per_s']:.0f} GFLOP/s): "
@@ -411,19 +415,20 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="batch 16 and 3 rounds instead of 64 and 5")
     p.add_argument("--batch", type=int, help="rows per step (default 64, quick 16)")
     p.add_argument("--reps", type=int, help="measured rounds (default 5, quick 3)")
+    p.add_argument("--warmup", type=int, default=WARMUP, help=f"discarded rounds (default {WARMUP})")
     p.add_argument("--json", metavar="OUT", help="write the result as JSON here")
     p.add_argument("--markdown", metavar="OUT", help="write the Markdown report here")
     args = p.parse_args(argv)
     batch = args.batch or (16 if args.quick else 64)
     reps = args.reps or (3 if args.quick else 5)
-    if batch < 1 or reps < 1:
-        p.error("--batch and --reps must be >= 1")
+    if batch < 1 or reps < 1 or args.warmup < 0:
+        p.error("--batch and --reps must be >= 1, --warmup >= 0")
     began = time.perf_counter()
 
     def progress(msg):
         print(f"[{time.perf_counter() - began:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    result = measure(batch=batch, reps=reps, progress=progress)
+    result = measure(batch=batch, reps=reps, warmup=args.warmup, progress=progress)
     result["machine"]["host_memory_reuse"] = host_memory_reuse
     report = markdown(result)
     print(report)

@@ -208,4 +208,10 @@ def test_train_step_benchmark_reports_agreement_and_the_matmul_floor():
     assert floor["seconds"] > 0 and floor["best_possible_ratio"] > 0
     assert floor["jaxgpt_step_over_floor"] == pytest.approx(
         result["frameworks"]["jaxgpt"]["seconds"]["median"] / floor["seconds"])
-    assert "matrix products alone" in train_step.markdown(result)
+    report = train_step.markdown(result)
+    assert "matrix products alone" in report
+    for framework in result["frameworks"].values():  # counted per measured round
+        assert len(framework["page_faults"]) == len(framework["system_s"]) == 2
+        assert all(n >= 0 for n in framework["page_faults"])
+    faults = result["frameworks"]["torch"]["page_faults"]
+    assert f"| {', '.join(f'{n:,}' for n in faults)} |" in report
