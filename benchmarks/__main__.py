@@ -172,7 +172,9 @@ def _notes(suite, torch_threads, load_start, load_end, rows, host_memory_reuse: 
     for r in (ratios or {}).values():
         if "matmul_floor" in r:
             fl = r["matmul_floor"]
-            notes.append(f"Training step: its matrix products alone (benchmarks/matmul_floor.py, {fl['gflop']:.1f} GFLOP) "
+            notes.append(f"Training step: {r.get('warmup', 1)} discarded rounds (benchmarks/train_step.py WARMUP: the two "
+                         "frameworks share one heap, which settles after a few rounds); its matrix products alone "
+                         f"(benchmarks/matmul_floor.py, {fl['gflop']:.1f} GFLOP) "
                          f"take {fl['seconds']:.3f} s in jax ({fl['gflop_per_s']:.0f} GFLOP/s); the jaxgpt step is "
                          f"{fl['jaxgpt_step_over_floor']:.2f}x that, and no step on these kernels could beat torch's by "
                          f"more than {fl['best_possible_ratio']:.2f}x here.")

@@ -337,7 +337,8 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
             row["agreement"] = result["agreement"]
         rows.append(roofline.annotate(row, flops, roofline.weight_bytes(cfg), limits))
     ratios = {f"train_step_b{batch}": {"what": result["what"], "ratio": result["ratio"], "paired": result["paired"],
-                                      "agreement_ok": result["agreement"]["ok"], "matmul_floor": result["matmul_floor"]}}
+                                      "agreement_ok": result["agreement"]["ok"], "matmul_floor": result["matmul_floor"],
+                                      "warmup": result["warmup"]}}
     return rows, ratios
 
 
