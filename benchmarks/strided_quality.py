@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from benchmarks.harness import cpu_description
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 DATA = "/work/shared/data/shakespeare.txt"
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
         "context_length": c,
         "held_out": {"path": DATA, "fraction": 0.1, "chars": int(len(held_out)), "targets": args.targets},
         "speed_chars": args.chars, "reps": args.reps,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}",
+        "machine": f"{cpu_description()}, jax {jax.__version__}",
         "load_average": load,
         "exact": exact,
         "strided": rows,
