@@ -19,9 +19,9 @@ Modes:
     in `stride` pays for a full forward pass. The default stride is C // 2.
     Measured (benchmarks/results/strided_quality.md: trained default checkpoint, 4,096
     held-out characters, teacher-forced with each mode's windowing; 2,000 generated
-    characters, CPU): exact 1.4632 nats/char at 106 chars/s; strides 2..96 all within one
-    standard error (~0.003 nats) of exact, stride 64 (the default) -0.0019 +- 0.0026 at
-    14x the speed (20x in CPU seconds); stride 112 +0.0027, stride 128 (keep one token)
+    characters, 2-core Zen 5 CPU): exact 1.4632 nats/char at 207 chars/s; strides 2..96 all
+    within one standard error (~0.003 nats) of exact, stride 64 (the default) -0.0019 +-
+    0.0026 at 11.5x the speed (15.6x in CPU seconds); stride 112 +0.0027, stride 128 (keep one token)
     +0.025. Past stride 64 the cached steps dominate and the speed grows little.
     (Keeping C + 1 - stride tokens rather than C - stride makes stride = 1 identical to exact
     mode, which the tests use as a check.)
