@@ -14,6 +14,11 @@ The next call then gets the same, already mapped buffer, most of the time: small
 around the buffer fragment the heap, and glibc grows it now and then (in 40 published-size
 training steps, 1-2 after the first still faulted the buffer in). Measured: a ~12% faster
 training step (benchmarks/train_step.py, 7 interleaved rounds).
+"No trimming" must mean none: a threshold of 2**31 - 1 bytes (the largest positive `int`) was
+not enough. At batch 64 the buffer is 1.34 GB, and a training loop that dispatches the next
+step before the last one finishes has two of them; once both are free the heap's top passes
+2 GB, glibc trims it, and every step faulted ~300,000 pages back in (1.45 instead of 1.0 s per
+step in `jaxgpt train`). glibc takes -1 as "never".
 The cost: the process never hands freed heap memory back to the system, so its resident size
 stays at its peak. `jaxgpt` CLI commands turn it on; scripts call it themselves, first thing.
 """
@@ -27,7 +32,7 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_NEVER_TRIM = 2**31 - 1  # bytes of free heap top before glibc would give memory back
+_NEVER_TRIM = -1  # "disables trimming completely" (mallopt(3)): glibc stores it as SIZE_MAX
 
 
 def _jax_started() -> bool:

@@ -52,6 +52,38 @@ def test_scratch_buffer_is_reused_not_faulted_afresh():
     assert fault_free(on) >= 3, on  # with reuse, calls find the buffer already mapped
 
 
+# A freed block above 2 GB (a batch-64 training step has 1.34 GB of scratch, and two steps in
+# flight free 2.7 GB together) must stay mapped too: glibc trims the heap's top once it exceeds
+# the trim threshold, and the next use faults every page in again.
+_BIG_FREE = textwrap.dedent("""
+    import ctypes, json, resource
+    from jaxgpt.host_memory import reuse_host_memory
+    assert reuse_host_memory()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    size = 2**31 + 2**27  # 2.125 GB
+    faults = []
+    for _ in range(2):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"pages": size // 4096, "faults": faults}))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux only")
+def test_a_freed_block_over_2_gb_stays_mapped():
+    out = subprocess.run([sys.executable, "-c", _BIG_FREE], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin"}, timeout=300)
+    run = json.loads(out.stdout.strip().splitlines()[-1])
+    first, second = run["faults"]
+    assert first >= run["pages"] // 2, run  # the first use maps the block in
+    assert second < run["pages"] // 100, run  # the second finds it mapped: the heap was not trimmed
+
+
 def test_refuses_once_jax_runs():
     jax.numpy.zeros(1).block_until_ready()  # the backends exist now
     assert reuse_host_memory() is False
