@@ -3,8 +3,8 @@
     python recipes/default_checkpoint.py --out runs/default        # ~1.2 h of a quiet 2-core CPU
 
 Published configuration (vocab 104 with the published map, context 128, dim 252, 6 blocks,
-6 heads), dropout 0.1, trained on the first 90% of ../shared/data/shakespeare.txt (the last
-10% is the held-out split), batch 64 x 128 characters, AdamW (b1 0.9, b2 0.99, weight decay 0.1
+6 heads), dropout 0.1, trained on the first 90% of data/shakespeare.txt (the last 10%
+is the held-out split), batch 64 x 128 characters, AdamW (b1 0.9, b2 0.99, weight decay 0.1
 on matrices and embeddings), global-norm clip 1.0, 100 warmup steps to 1.5e-3, cosine decay
 to 1e-4, seed 0.
 
@@ -16,7 +16,7 @@ resumes it under the 700-step schedule (so the learning rate follows the 700-ste
 step 300 on). That model (held-out 1.572 nats/char) fell short of the 1.55 target, so phase 3
 fine-tunes it for 800 more steps, exactly as
 
-    jaxgpt train --text shakespeare.txt --init <phase-2 weights.pt> --steps 800 --lr 5e-4 \
+    jaxgpt train --text data/shakespeare.txt --init <phase-2 weights.pt> --steps 800 --lr 5e-4 \
         --min-lr 3e-5 --warmup 50 --seed 1 --dropout 0.1 --eval-interval 100 --checkpoint-interval 100
 
 does: a fresh AdamW state, 50 warmup steps to 5e-4, cosine decay to 3e-5, and seed 1 so that
@@ -35,7 +35,7 @@ from jaxgpt.data import encode_text, read_text, train_val_split
 from jaxgpt.evaluate import evaluate
 from jaxgpt.train import RUN_FILE, TrainConfig, fit
 
-TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "shakespeare.txt")
+TEXT = os.path.join(os.path.dirname(__file__), "..", "data", "shakespeare.txt")
 PHASE1_STOP = 300
 
 
