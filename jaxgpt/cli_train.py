@@ -191,17 +191,6 @@ def _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, 
                  devices)
 
 
-def _write_vocab(vocab, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        vocab.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 @click.command("train")
 @click.option("--text", "text_path", required=True, metavar="FILE", help="UTF-8 training text.")
 @click.option("--out", default="jaxgpt-train", show_default=True, metavar="DIR",
@@ -302,7 +291,7 @@ def _run(plan: _Plan, quiet: bool) -> None:
     try:
         os.makedirs(plan.out, exist_ok=True)
         if primary:
-            _write_vocab(plan.vocab, os.path.join(plan.out, "vocab.json"))
+            plan.vocab.save(os.path.join(plan.out, "vocab.json"))  # atomic
         trained, history = fit(model, plan.split, tc, checkpoint_dir=ckpt_dir,
                                history_path=os.path.join(plan.out, "history.json"), run_info=plan.run_info,
                                progress=not quiet, on_checkpoint=redraw, devices=plan.devices)

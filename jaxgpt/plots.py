@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
+
+from jaxgpt.atomic import atomic_file
 
 
 def plot_history(history: list[dict], path: str | os.PathLike, title: str | None = None) -> None:
@@ -42,12 +43,5 @@ def plot_history(history: list[dict], path: str | os.PathLike, title: str | None
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise

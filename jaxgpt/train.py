@@ -19,7 +19,6 @@ run up to float summation order (tests/test_sharding.py: 20 steps within 1e-5).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -35,6 +34,7 @@ import optax
 from flax import nnx
 
 from jaxgpt import sharding
+from jaxgpt.atomic import write_json
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import Split, get_batch
 from jaxgpt.model import GPT
@@ -200,20 +200,6 @@ def estimate_loss(eval_loss, params, tokens: np.ndarray, context_length: int, ba
 
 
 # ----------------------------------------------------------------------------- run records
-def _write_json(path: str, data) -> None:
-    """Writes JSON atomically (temporary file in the same directory, then os.replace)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def run_record(model_config: GPTConfig, config: TrainConfig, run_info: dict | None = None) -> dict:
     """What decides a run's numbers: the model config, the numeric TrainConfig fields, `run_info`."""
     return {
@@ -419,7 +405,7 @@ def fit(
                 with open(history_path, encoding="utf-8") as f:
                     history = [h for h in json.load(f) if h["step"] <= start]
         elif primary:
-            _write_json(os.path.join(checkpoint_dir, RUN_FILE), run_record(mc, config, run_info))
+            write_json(os.path.join(checkpoint_dir, RUN_FILE), run_record(mc, config, run_info))
 
     def save(done: int) -> None:
         # Every process must call save (a collective): orbax picks which process writes each
@@ -427,7 +413,7 @@ def fit(
         manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
         manager.wait_until_finished()
         if history_path is not None and primary:
-            _write_json(history_path, history)
+            write_json(history_path, history)
         if on_checkpoint is not None:
             on_checkpoint(done, history)
 

@@ -10,6 +10,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from jaxgpt.atomic import write_json
+
 DEFAULT_VOCAB_PATH = str(resources.files("jaxgpt") / "assets" / "drake_vocab.json")
 
 
@@ -97,10 +99,8 @@ class Vocab:
             raise VocabError(f"{path}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the id -> character JSON (the published file's format)."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({str(i): c for i, c in enumerate(self.chars)}, f, ensure_ascii=False, indent=0)
-            f.write("\n")
+        """Writes the id -> character JSON (the published file's format), atomically."""
+        write_json(path, {str(i): c for i, c in enumerate(self.chars)}, indent=0)
 
 
 def default_vocab() -> Vocab:
