@@ -6,6 +6,7 @@ Every user error (bad file, bad option, unknown character, ...) ends as one line
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -16,21 +17,18 @@ import click
 def app() -> None:
     """Run, convert, train and check the notebook's character-level GPT in JAX."""
 
-# Each module adds its commands to the `app` group through a `register(app)` function.
-_COMMAND_MODULES = ("jaxgpt.cli_porting", "jaxgpt.cli_generate", "jaxgpt.cli_train")
+# The command modules. Each has a `register(app)` function that adds its commands to `app`;
+# a new module is one more line here (alphabetical).
+COMMAND_MODULES = (
+    "jaxgpt.cli_generate",
+    "jaxgpt.cli_porting",
+    "jaxgpt.cli_train",
+)
 
 
 def _register_all() -> None:
-    import importlib
-
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # not written yet in this checkout
-                continue
-            raise
-        module.register(app)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
 
 
 class CLIError(click.ClickException):
