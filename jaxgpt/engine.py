@@ -160,7 +160,7 @@ def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, cache: KV
     # the values are still multiplied by their zero weights, and 0 * NaN would be NaN.
     cache = jax.tree.map(jnp.zeros_like, cache)
     if prompt.shape[1] > 0:
-        _, cache = model.forward(prompt, cache, 0, last_only=True)  # logits unused: XLA drops them
+        cache = model.prefill(prompt, cache)
     return cache
 
 
@@ -195,20 +195,21 @@ def advance(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, prompt_len: 
     keys = row_keys(seed, carry.stream.shape[0], first_row)
 
     def append(carry: Carry, j, logits) -> Carry:
-        token = sample(logits[:, -1], step_uniforms(keys, j), params)  # (B,)
+        token = sample(logits, step_uniforms(keys, j), params)  # (B,)
         stream = jax.lax.dynamic_update_slice_in_dim(carry.stream, token[:, None], prompt_len + j, axis=1)
         return carry._replace(stream=stream)
 
     def decode_step(j, carry: Carry) -> Carry:
         position = prompt_len + j - 1  # of the last token in the stream
         token = jax.lax.dynamic_slice_in_dim(carry.stream, position, 1, axis=1)  # (B, 1)
-        logits, cache = model.forward(token, carry.cache, position - carry.base)
+        rows = jnp.full((token.shape[0],), position - carry.base, jnp.int32)
+        logits, cache = model.decode(token, carry.cache, rows)
         return append(carry._replace(cache=cache), j, logits)
 
     def refill_step(j, carry: Carry) -> Carry:
         base = prompt_len + j - keep
         context = jax.lax.dynamic_slice_in_dim(carry.stream, base, keep, axis=1)  # (B, keep)
-        logits, cache = model.forward(context, carry.cache, 0, last_only=True)
+        logits, cache = model.encode_window(context, carry.cache, jnp.full((context.shape[0],), keep - 1, jnp.int32))
         return append(Carry(carry.stream, cache, base), j, logits)
 
     def decode_run(j, carry: Carry):

@@ -105,7 +105,7 @@ class Sampler:
             from porting import load_weights
 
             model = load_weights(model)
-        if not hasattr(model, "config") or not hasattr(model, "forward"):
+        if not hasattr(model, "config") or not hasattr(model, "decode"):
             raise TypeError(f"model must be a jaxgpt.GPT or a checkpoint path, got {type(model).__name__}")
         if model.training:
             raise ValueError("the model is in training mode (dropout on): call model.eval() before generating")

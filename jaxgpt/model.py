@@ -1,18 +1,23 @@
 """The notebook's character-level GPT as a Flax NNX module.
 
-Mirrors `../shared/SPEC.md` exactly (pre-norm blocks, ReLU MLP, learned absolute positions,
-torch LayerNorm numerics) but computes all heads at once: the per-head torch projections are
-fused into one `qkv` kernel by `porting.keymap`. Shapes use B batch, T query length, S key
-length, D model_dim, H heads, K head_size, F hidden (4D), V vocab.
+Mirrors the specification in `docs/SPEC.md` exactly (pre-norm blocks, ReLU MLP, learned absolute
+positions, torch LayerNorm numerics) but computes all heads at once: the per-head torch
+projections are fused into one `qkv` kernel by `porting.keymap`. Shapes use B batch, T query
+length, C context length, D model_dim, H heads, K head_size, F hidden (4D), V vocab.
 
-Modes: a freshly built GPT is in eval mode (dropout off, fully deterministic). `model.train()`
-turns dropout on; a training call must then pass `rngs=` (an `nnx.Rngs` with a `dropout`
-stream, or a key). `model.eval()` turns it off again.
+Entry points, one return type each:
+  `model(tokens)`: logits of every position (training, evaluation, scoring);
+  `model.prefill(tokens, cache)`: keys and values of a prompt into the KV cache;
+  `model.decode(token, cache, positions)`: one new token per row at its own position;
+  `model.encode_window(tokens, cache, last)`: a window re-encoded at positions 0..T-1, the
+    cache refilled, logits at one index per row (generation once the context is full).
+
+A freshly built GPT is in eval mode (dropout off, deterministic). `model.train()` turns dropout
+on; a training call must then pass `rngs=`. `model.eval()` turns it off again.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -21,18 +26,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.ops import LAYER_NORM_EPS, causal_attention, layer_norm, project
 
-LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default
 _init = nnx.initializers.normal(stddev=0.02)
 
 
 class LayerCache(NamedTuple):
     """Keys and values of one block for every position of the context window.
 
-    Keys are stored transposed, `(B, H, K, C)`, and values `(B, H, C, K)`: each is then in the
-    layout its attention product reads (`q @ k` contracts K, `probs @ v` contracts C), so XLA
-    multiplies the cache where it lies. A key cache laid out like the values made XLA:CPU
-    transpose every block's whole key cache on every decode step.
+    Each is stored in the layout its attention product reads (`q @ k` contracts K, `probs @ v`
+    contracts C), so XLA multiplies the cache where it lies instead of transposing it per step.
     """
 
     k: jax.Array  # (B, H, K, C)
@@ -43,128 +46,20 @@ KVCache = tuple[LayerCache, ...]  # one LayerCache per block
 
 
 def init_cache(config: GPTConfig, batch: int, dtype=jnp.float32) -> KVCache:
-    """An all-zero cache per block, keys `(B, H, K, C)` and values `(B, H, C, K)`.
-
-    Positions are masked out until written; see `LayerCache` for the layouts.
-    """
+    """An all-zero cache per block; positions are masked out until written."""
     b, h, c, k = batch, config.num_heads, config.context_length, config.head_size
     return tuple(LayerCache(jnp.zeros((b, h, k, c), dtype), jnp.zeros((b, h, c, k), dtype))
                  for _ in range(config.num_blocks))
 
 
-@jax.custom_vjp
-def _project(x, kernel):
-    """`x @ kernel` over the last axis: x `(..., I)`, kernel `(I, O)` -> `(..., O)`.
-
-    Same forward and gradients as the einsum; only the backward's kernel-gradient product is
-    written as activations^T @ output-gradient. JAX's default transpose rule computes it as
-    output-gradient^T @ activations, and XLA:CPU then materialises the residual stream's
-    gradient in transposed layout inside a fusion that recomputes its whole elementwise chain
-    (once per consumer): measured ~15% of a training step at the published config.
-    """
-    return jnp.einsum("...i,io->...o", x, kernel)
-
-
-def _project_fwd(x, kernel):
-    return _project(x, kernel), (x, kernel)
-
-
-def _project_bwd(residuals, g):
-    x, kernel = residuals
-    dx = jnp.einsum("...o,io->...i", g, kernel)
-    dkernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())))
-    return dx, dkernel
-
-
-_project.defvjp(_project_fwd, _project_bwd)
-
-
-@jax.custom_vjp
-def causal_attention(qkv):
-    """Causal softmax attention of every position to itself and the earlier ones.
-
-    Args:
-      qkv: `(B, T, 3, H, K)` queries, keys and values of positions 0..T-1, as the fused
-        projection lays them out.
-
-    Returns:
-      `(B, T, H, K)`: row t of head h is softmax(q_t . k_s / sqrt(K) over s <= t) weighted
-      sum of v_s.
-
-    Same values as autodiff of the plain formula, with a hand-written backward that keeps the
-    attention probabilities of the forward and computes the key and value gradients
-    transposed, `(B, H, K, T)`: XLA:CPU's batched products run `dO^T @ P` about 1.7x as fast
-    as `P^T @ dO` (measured at B=16, H=6, T=128, K=42). The optimization barriers stop XLA
-    from folding the following transposes back into those products. The three gradients are
-    stacked into `qkv`'s layout directly: the transpose of unpacking `qkv` would assemble
-    them with a pad and a sum per slot. Measured on a published-size training step (batch
-    16, interleaved rounds): 4% faster than autodiff, and 1.6% more from the stacking.
-    Being a `jax.custom_vjp`, it supports reverse-mode differentiation only (no `jax.jvp`).
-    """
-    return _causal_attention_fwd(qkv)[0]
-
-
-def _causal_attention_fwd(qkv):
-    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # (B, H, T, K) each
-    t = q.shape[2]
-    scores = jnp.einsum("bhtk,bhsk->bhts", q, k) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    scores = jnp.where(jnp.arange(t)[None, :] <= jnp.arange(t)[:, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)  # (B, H, T, T), zero above the diagonal
-    return jnp.einsum("bhts,bhsk->bthk", probs, v), (q, k, v, probs)
-
-
-def _causal_attention_bwd(residuals, d_heads):  # d_heads (B, T, H, K)
-    q, k, v, probs = residuals
-    scale = 1 / math.sqrt(q.shape[-1])
-    d_out = d_heads.transpose(0, 2, 1, 3)  # (B, H, T, K)
-    d_v = jax.lax.optimization_barrier(jnp.einsum("bhtk,bhts->bhks", d_out, probs)).swapaxes(2, 3)  # (B, H, T, K)
-    d_probs = jnp.einsum("bhtk,bhsk->bhts", d_out, v)  # (B, H, T, T)
-    # softmax backward; masked entries have probs 0 and so get no gradient
-    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True)) * scale
-    d_q = jnp.einsum("bhts,bhsk->bhtk", d_scores, k)
-    d_k = jax.lax.optimization_barrier(jnp.einsum("bhtk,bhts->bhks", q, d_scores)).swapaxes(2, 3)  # (B, H, T, K)
-    return (jnp.stack([d_q, d_k, d_v], axis=2).transpose(0, 3, 2, 1, 4),)  # (B, T, 3, H, K)
-
-
-causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x, scale, bias, eps=LAYER_NORM_EPS):
-    """torch.nn.LayerNorm over the last axis: x `(..., D)`, scale and bias `(D,)` -> `(..., D)`.
-
-    The variance is torch's biased mean((x - mean)^2), not mean(x^2) - mean^2, which loses
-    precision and would cost the 1e-5 parity. The forward is flax's `nnx.LayerNorm` with
-    `use_fast_variance=False`, operation for operation. The backward is written by hand,
-    dx = rstd * (g' - mean(g') - x_hat * mean(g' * x_hat)) with g' = g * scale: autodiff of the
-    forward gives XLA:CPU a chain of small terms per norm that it fuses into every consumer of
-    the residual stream's gradient, recomputing the terms of all later blocks there (fusions of
-    up to 94 inputs at the published config, quadratic in depth). Measured on a published-size
-    training step (batch 16): 8% faster.
-    """
-    return _layer_norm_fwd(x, scale, bias, eps)[0]
-
-
-def _layer_norm_fwd(x, scale, bias, eps):
-    mean = x.mean(-1, keepdims=True)  # (..., 1)
-    centred = x - mean
-    rstd = jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)  # (..., 1)
-    return centred * (rstd * scale) + bias, (centred * rstd, rstd, scale)
-
-
-def _layer_norm_bwd(eps, residuals, g):  # g (..., D)
-    x_hat, rstd, scale = residuals
-    g_hat = g * scale
-    d_x = rstd * (g_hat - g_hat.mean(-1, keepdims=True) - x_hat * (g_hat * x_hat).mean(-1, keepdims=True))
-    batch_axes = tuple(range(g.ndim - 1))
-    return d_x, (g * x_hat).sum(batch_axes), g.sum(batch_axes)
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+def _write_window(cache: LayerCache, new: LayerCache) -> LayerCache:
+    """`new`'s T positions written at cache positions 0..T-1 of every row."""
+    return LayerCache(jax.lax.dynamic_update_slice(cache.k, new.k.astype(cache.k.dtype), (0, 0, 0, 0)),
+                      jax.lax.dynamic_update_slice(cache.v, new.v.astype(cache.v.dtype), (0, 0, 0, 0)))
 
 
 class LayerNorm(nnx.Module):
-    """torch's default LayerNorm (eps 1e-5, biased variance, affine) with `layer_norm`'s backward."""
+    """torch's default LayerNorm (eps 1e-5, biased variance, affine)."""
 
     def __init__(self, dim: int, *, eps: float = LAYER_NORM_EPS):
         self.eps = eps
@@ -175,76 +70,108 @@ class LayerNorm(nnx.Module):
         return layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
+class Linear(nnx.Module):
+    """`x @ kernel + bias`, through `ops.project` (whose kernel gradient suits XLA:CPU)."""
+
+    def __init__(self, d_in: int, d_out: int, *, kernel_init, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (d_in, d_out)))
+        self.bias = nnx.Param(jnp.zeros((d_out,)))
+
+    def __call__(self, x):  # (..., I) -> (..., O)
+        return project(x, self.kernel[...]) + self.bias[...]
+
+
 class Attention(nnx.Module):
-    """Causal multi-head self-attention, all heads in one einsum."""
+    """Causal multi-head self-attention, all heads in one projection."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         d, h, k = config.model_dim, config.num_heads, config.head_size
         self.num_heads, self.head_size = h, k
         # Fused query/key/value projection, no bias (the notebook's heads have none).
-        # Axis 1 is (query, key, value); torch head j's weight [K, D] is kernel[:, c, j, :].T.
+        # Axis 1 is (query, key, value); torch head j's weight [K, D] is qkv[:, c, j, :].T.
         self.qkv = nnx.Param(_init(rngs.params(), (d, 3, h, k)))
         if config.variant == "drake":
             # `compute`: Linear(D, D) over the heads concatenated in order j = 0..H-1.
             self.out_kernel = nnx.Param(_init(rngs.params(), (h, k, d)) / math.sqrt(2 * config.num_blocks))
             self.out_bias = nnx.Param(jnp.zeros((d,)))
-        else:
+        else:  # "learning": the concatenated heads go straight to the residual stream
             self.out_kernel = None
             self.out_bias = None
 
-    def __call__(self, x, positions, cache: LayerCache | None = None, start=0, last_only=False):
-        """Attends each query to the keys at positions <= its own.
+    def __call__(self, x):
+        """Every position attends to itself and the earlier ones.
 
         Args:
-          x: `(B, T, D)` normalised inputs.
-          positions: `(T,)` int positions of the queries (start + 0..T-1).
-          cache: optional `LayerCache`; the queries attend to its positions before `start` and
-            to the new keys, whose keys and values are then written at `start`.
-          start: first position of `x` in the cache (traced int allowed). The Python int 0
-            means the cache holds nothing to attend to (prefill, refill): it is only written.
-          last_only: query with the last position only (keys and values still come from, and
-            are cached for, every position).
+          x: `(B, T, D)` normalised inputs at positions 0..T-1.
 
         Returns:
-          `(B, T, D)` attention output (`(B, 1, D)` with last_only), and the updated
-          `LayerCache` (or None without cache).
+          `(B, T, D)` attention output, and the T positions' keys and values (`LayerCache`).
         """
+        qkv = self._qkv(x)  # (B, T, 3, H, K)
+        return self._output(causal_attention(qkv)), self._keys_values(qkv)
+
+    def last(self, x, last):
+        """Like `__call__`, but only the query at index `last[b]` of each row attends.
+
+        Args:
+          x: `(B, T, D)` normalised inputs at positions 0..T-1.
+          last: int `(B,)` query index per row.
+
+        Returns:
+          `(B, 1, D)` attention output, and the T positions' keys and values.
+        """
+        qkv = self._qkv(x)
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # (B, H, T, K) each
+        q = jnp.take_along_axis(q, last[:, None, None, None], axis=2)  # (B, H, 1, K)
+        scores = jnp.einsum("bhtk,bhsk->bhts", q, k) / math.sqrt(self.head_size)  # (B, H, 1, T)
+        scores = jnp.where(jnp.arange(k.shape[2]) <= last[:, None, None, None], scores, -jnp.inf)
+        heads = jnp.einsum("bhts,bhsk->bthk", jax.nn.softmax(scores, axis=-1), v)  # (B, 1, H, K)
+        return self._output(heads), self._keys_values(qkv)
+
+    def decode(self, x, cache: LayerCache, positions):
+        """One new position per row attends to the cached positions before it and to itself.
+
+        Args:
+          x: `(B, 1, D)` normalised input of each row's new token.
+          cache: keys and values of positions 0..positions[b]-1 of row b (later ones masked).
+          positions: int `(B,)` position of each row's new token (< C).
+
+        Returns:
+          `(B, 1, D)` attention output, and the cache with the new keys and values written at
+          `positions`.
+        """
+        qkv = self._qkv(x)
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # (B, H, 1, K) each
+        scale = math.sqrt(self.head_size)
+        # The cache is read as it was before this call and written afterwards, not written and
+        # read back: XLA can then update it in place (with copy-insertion region analysis, see
+        # engine.py) instead of copying every block's cache on every step.
+        cached = jnp.einsum("bhtk,bhks->bhts", q, cache.k) / scale  # (B, H, 1, C)
+        cached = jnp.where(jnp.arange(cached.shape[-1]) < positions[:, None, None, None], cached, -jnp.inf)
+        own = jnp.einsum("bhtk,bhsk->bhts", q, k) / scale  # (B, H, 1, 1)
+        probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=-1), axis=-1)  # (B, H, 1, C + 1)
+        c = cached.shape[-1]
+        heads = (jnp.einsum("bhts,bhsk->bthk", probs[..., :c], cache.v)
+                 + jnp.einsum("bhts,bhsk->bthk", probs[..., c:], v))  # (B, 1, H, K)
+        rows = jnp.arange(x.shape[0])
+        cache = LayerCache(cache.k.at[rows, :, :, positions].set(k[:, :, 0].astype(cache.k.dtype), mode="drop"),
+                           cache.v.at[rows, :, positions, :].set(v[:, :, 0].astype(cache.v.dtype), mode="drop"))
+        return self._output(heads), cache
+
+    def _qkv(self, x):  # (B, T, D) -> (B, T, 3, H, K)
         w = self.qkv[...]
-        qkv = _project(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:2], *w.shape[1:])  # (B, T, 3, H, K)
-        _, k, v = qkv.transpose(2, 0, 3, 1, 4)  # keys and values (B, H, T, K)
-        fresh = cache is None or (isinstance(start, int) and start == 0)  # nothing cached to attend to
-        if fresh and not last_only:  # training, evaluation, prefill
-            heads = causal_attention(qkv)  # (B, T, H, K)
-        else:
-            q, query_positions = qkv[:, :, 0], positions  # (B, T, H, K), (T,)
-            if last_only:
-                q, query_positions = q[:, -1:], positions[-1:]  # (B, 1, H, K), (1,)
-            scale = math.sqrt(self.head_size)
-            scores = jnp.einsum("bthk,bhsk->bhts", q, k) / scale  # (B, H, T', T) over the new keys
-            scores = jnp.where(positions[None, :] <= query_positions[:, None], scores, -jnp.inf)
-            if fresh:
-                heads = jnp.einsum("bhts,bhsk->bthk", jax.nn.softmax(scores, axis=-1), v)  # (B, 1, H, K)
-            else:
-                # The cached keys are read as they were before this call and the new ones are
-                # written afterwards, not written first and read back: XLA can then update the
-                # cache in place (with copy-insertion region analysis, see engine.py) instead
-                # of copying every block's cache on every decode step.
-                cached = jnp.einsum("bthk,bhks->bhts", q, cache.k) / scale  # (B, H, T', C)
-                cached = jnp.where(jnp.arange(cached.shape[-1]) < start, cached, -jnp.inf)
-                probs = jax.nn.softmax(jnp.concatenate([cached, scores], axis=-1), axis=-1)  # (B, H, T', C + T)
-                c = cached.shape[-1]
-                heads = (jnp.einsum("bhts,bhsk->bthk", probs[..., :c], cache.v)
-                         + jnp.einsum("bhts,bhsk->bthk", probs[..., c:], v))  # (B, T', H, K)
-        if cache is not None:
-            cache = LayerCache(
-                jax.lax.dynamic_update_slice(cache.k, k.swapaxes(2, 3).astype(cache.k.dtype), (0, 0, 0, start)),
-                jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, start, 0)))
-        if self.out_kernel is None:  # "learning": concat_j head_j goes straight to the residual
-            out = heads.reshape(*heads.shape[:2], -1)  # (B, T, D)
-        else:
-            w = self.out_kernel[...]
-            out = _project(heads.reshape(*heads.shape[:2], -1), w.reshape(-1, w.shape[-1])) + self.out_bias[...]
-        return out, cache
+        return project(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:2], *w.shape[1:])
+
+    def _keys_values(self, qkv) -> LayerCache:  # cache layouts: keys (B, H, K, T), values (B, H, T, K)
+        _, k, v = qkv.transpose(2, 0, 3, 1, 4)
+        return LayerCache(k.swapaxes(2, 3), v)
+
+    def _output(self, heads):  # (B, T, H, K) -> (B, T, D)
+        heads = heads.reshape(*heads.shape[:2], -1)
+        if self.out_kernel is None:
+            return heads
+        w = self.out_kernel[...]
+        return project(heads, w.reshape(-1, w.shape[-1])) + self.out_bias[...]
 
 
 class MLP(nnx.Module):
@@ -252,13 +179,12 @@ class MLP(nnx.Module):
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         d, f = config.model_dim, config.hidden_dim
-        self.up = nnx.Linear(d, f, kernel_init=_init, rngs=rngs)
+        self.up = Linear(d, f, kernel_init=_init, rngs=rngs)
         down_init = nnx.initializers.normal(stddev=0.02 / math.sqrt(2 * config.num_blocks))
-        self.down = nnx.Linear(f, d, kernel_init=down_init, rngs=rngs)
+        self.down = Linear(f, d, kernel_init=down_init, rngs=rngs)
 
     def __call__(self, x):  # (B, T, D) -> (B, T, D)
-        h = jax.nn.relu(_project(x, self.up.kernel[...]) + self.up.bias[...])
-        return _project(h, self.down.kernel[...]) + self.down.bias[...]
+        return self.down(jax.nn.relu(self.up(x)))
 
 
 class Block(nnx.Module):
@@ -276,14 +202,25 @@ class Block(nnx.Module):
         )
         self.mlp_dropout = nnx.Dropout(config.dropout, deterministic=True)
 
-    def __call__(self, x, positions, cache=None, start=0, rngs=None, last_only=False):
-        """`(B, T, D)` -> `(B, T, D)`, or `(B, 1, D)` for the last position only with last_only."""
-        a, cache = self.attention(self.norm1(x), positions, cache, start, last_only)
+    def __call__(self, x, rngs=None):
+        """`(B, T, D)` -> `(B, T, D)`, and the T positions' keys and values."""
+        a, keys_values = self.attention(self.norm1(x))
         if self.attention_dropout is not None:
             a = self.attention_dropout(a, rngs=rngs)
-        x = (x[:, -1:] if last_only else x) + a
-        x = x + self.mlp_dropout(self.mlp(self.norm2(x)), rngs=rngs)
-        return x, cache
+        x = x + a
+        return x + self.mlp_dropout(self.mlp(self.norm2(x)), rngs=rngs), keys_values
+
+    def last(self, x, last):
+        """`(B, T, D)` -> `(B, 1, D)` at index `last[b]` of each row (inference only)."""
+        a, keys_values = self.attention.last(self.norm1(x), last)
+        x = jnp.take_along_axis(x, last[:, None, None], axis=1) + a
+        return x + self.mlp(self.norm2(x)), keys_values
+
+    def decode(self, x, cache: LayerCache, positions):
+        """`(B, 1, D)` -> `(B, 1, D)` for one new token per row (inference only)."""
+        a, cache = self.attention.decode(self.norm1(x), cache, positions)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), cache
 
 
 class GPT(nnx.Module):
@@ -297,62 +234,103 @@ class GPT(nnx.Module):
         self.pos_embedding = nnx.Embed(config.context_length, d, embedding_init=_init, rngs=rngs)
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_blocks)])
         self.final_norm = LayerNorm(d)
-        self.vocab_projection = nnx.Linear(d, config.vocab_size, kernel_init=_init, rngs=rngs)
+        self.vocab_projection = Linear(d, config.vocab_size, kernel_init=_init, rngs=rngs)
 
     def __call__(self, tokens, *, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
         """Logits of every position.
 
         Args:
-          tokens: int `(B, T)`, numpy or jax, T <= context_length, ids in [0, vocab_size).
-          rngs: dropout randomness, required in training mode only.
+          tokens: int `(B, T)`, numpy or jax, 1 <= T <= context_length, ids in [0, vocab_size).
+          rngs: dropout randomness (an `nnx.Rngs` with a `dropout` stream, or a key), required
+            in training mode only.
 
         Returns:
           float32 logits `(B, T, V)`.
         """
-        logits, _ = self.forward(tokens, rngs=rngs)
-        return logits
+        if isinstance(rngs, jax.Array):
+            rngs = nnx.Rngs(dropout=rngs)
+        if self.training and rngs is None and self.config.dropout > 0:
+            raise ValueError("GPT is in training mode: pass rngs= for dropout, or call model.eval()")
+        x = self._embed(tokens)
+        for block in self.blocks:
+            x, _ = block(x, rngs)
+        return self._logits(x)
 
-    def forward(self, tokens, cache: KVCache | None = None, start=0, *, rngs=None, last_only=False):
-        """Forward pass at positions start..start+T-1, optionally reading and writing a KV cache.
+    def prefill(self, tokens, cache: KVCache) -> KVCache:
+        """Writes the keys and values of `tokens` (positions 0..T-1) into `cache`.
 
         Args:
           tokens: int `(B, T)`.
-          cache: optional KV cache from `init_cache`; keys/values of `tokens` are written at
-            `start` and the queries attend to every cached position up to their own.
-          start: position of `tokens[:, 0]` (a traced int is fine; must be 0 without cache).
-          rngs: dropout randomness (training mode only).
-          last_only: return logits of the last position only, `(B, 1, V)`: the last block's
-            queries and MLP, the final norm and the vocabulary projection are then skipped for
-            the other positions (the cache is still written for all of them).
+          cache: a KV cache of B rows (`init_cache`); positions T.. are left as they are.
 
         Returns:
-          logits `(B, T, V)` (or `(B, 1, V)`), and the updated cache (None without one).
+          The updated cache (no logits: generation decodes the prompt's last token itself).
         """
+        x = self._embed(tokens)
+        new = []
+        for block, layer in zip(self.blocks, cache):
+            x, keys_values = block(x)  # the last block's output is unused: XLA drops it
+            new.append(_write_window(layer, keys_values))
+        return tuple(new)
+
+    def decode(self, tokens, cache: KVCache, positions) -> tuple[jax.Array, KVCache]:
+        """One new token per row at its own position, attending to the row's cached positions.
+
+        Args:
+          tokens: int `(B, 1)`.
+          cache: KV cache of B rows holding positions 0..positions[b]-1 of row b.
+          positions: int `(B,)` position of each row's token (< context_length).
+
+        Returns:
+          float32 logits `(B, V)` of the next token, and the cache with the new position written.
+        """
+        x = self.token_embedding(self._check(tokens)) + self.pos_embedding(positions)[:, None]  # (B, 1, D)
+        new = []
+        for block, layer in zip(self.blocks, cache):
+            x, layer = block.decode(x, layer, positions)
+            new.append(layer)
+        return self._logits(x)[:, 0], tuple(new)
+
+    def encode_window(self, tokens, cache: KVCache, last) -> tuple[jax.Array, KVCache]:
+        """Re-encodes a window at positions 0..T-1, refilling the cache, logits at index `last`.
+
+        The notebook's step once the context is full: learned absolute positions shift with the
+        window, so nothing cached can be reused. Only the final block's query at `last[b]`, and
+        what follows it, is computed; every earlier block runs for all positions, whose keys and
+        values the final block needs.
+
+        Args:
+          tokens: int `(B, T)` windows; positions after `last[b]` are ignored for the logits.
+          cache: KV cache of B rows; positions 0..T-1 are overwritten.
+          last: int `(B,)` index of each row's last real token.
+
+        Returns:
+          float32 logits `(B, V)` at `last`, and the refilled cache.
+        """
+        x = self._embed(tokens)
+        new = []
+        for i, (block, layer) in enumerate(zip(self.blocks, cache)):
+            x, keys_values = block.last(x, last) if i == len(self.blocks) - 1 else block(x)
+            new.append(_write_window(layer, keys_values))
+        return self._logits(x)[:, 0], tuple(new)
+
+    def _check(self, tokens):
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape (B, T), got {tokens.shape}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise TypeError(f"tokens must be integers, got dtype {tokens.dtype}")
-        t = tokens.shape[1]
-        if t > self.config.context_length or t == 0:
-            raise ValueError(f"sequence length {t} must be in 1..context_length={self.config.context_length}")
-        if isinstance(rngs, jax.Array):
-            rngs = nnx.Rngs(dropout=rngs)
-        if self.training and rngs is None and self.config.dropout > 0:
-            raise ValueError("GPT is in training mode: pass rngs= for dropout, or call model.eval()")
-        positions = start + jnp.arange(t)  # (T,)
-        x = self.token_embedding(tokens) + self.pos_embedding(positions)[None]  # (B, T, D)
-        new_cache = []
-        last_block = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            # With last_only the final block's queries, attention output and MLP run for the
-            # last position alone (~14% of a full-window step at the published config); every
-            # earlier block must still run for all positions, whose keys and values it needs.
-            x, layer_cache = block(x, positions, None if cache is None else cache[i], start, rngs,
-                                   last_only=last_only and i == last_block)
-            new_cache.append(layer_cache)
-        logits = self.vocab_projection(self.final_norm(x))  # (B, T, V)
-        return logits, (tuple(new_cache) if cache is not None else None)
+        if not 1 <= tokens.shape[1] <= self.config.context_length:
+            raise ValueError(f"sequence length {tokens.shape[1]} must be in 1..context_length="
+                             f"{self.config.context_length}")
+        return tokens
+
+    def _embed(self, tokens):  # (B, T) -> (B, T, D) at positions 0..T-1
+        tokens = self._check(tokens)
+        return self.token_embedding(tokens) + self.pos_embedding(jnp.arange(tokens.shape[1]))[None]
+
+    def _logits(self, x):  # (B, T, D) -> (B, T, V)
+        return self.vocab_projection(self.final_norm(x))
 
     @property
     def training(self) -> bool:

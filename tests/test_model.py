@@ -165,31 +165,44 @@ def test_kv_cache_matches_the_full_forward():
     tokens = np.random.default_rng(5).integers(0, 9, size=(2, 8))
     full = jitted_logits(model)(tokens)
     graphdef, state = nnx.split(model)
-    step = jax.jit(lambda s, t, c, start: nnx.merge(graphdef, s).forward(t, c, start))
-    logits, cache = step(state, tokens[:, :3], init_cache(config, 2), 0)  # prefill 3 positions
-    np.testing.assert_allclose(np.asarray(logits), full[:, :3], rtol=0, atol=1e-5)
+    prefill = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).prefill(t, c))
+    decode = jax.jit(lambda s, t, c, p: nnx.merge(graphdef, s).decode(t, c, p))
+    cache = prefill(state, tokens[:, :3], init_cache(config, 2))  # positions 0..2
     for t in range(3, 8):
-        logits, cache = step(state, tokens[:, t : t + 1], cache, t)
-        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], rtol=0, atol=1e-5)
+        logits, cache = decode(state, tokens[:, t : t + 1], cache, np.full(2, t, np.int32))
+        assert logits.shape == (2, 9)
+        np.testing.assert_allclose(np.asarray(logits), full[:, t], rtol=0, atol=1e-5)
+
+
+def test_decode_takes_one_position_per_row():
+    """Rows at different positions in one decode call: each equals its own full forward."""
+    config = GPTConfig(vocab_size=9, context_length=8, model_dim=12, num_blocks=2, num_heads=3)
+    model = model_from_params(random_params(config, 8), config)
+    tokens = np.random.default_rng(8).integers(0, 9, size=(3, 8))
+    full = np.asarray(jitted_logits(model)(tokens))
+    graphdef, state = nnx.split(model)
+    cache = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).prefill(t, c))(state, tokens, init_cache(config, 3))
+    positions = np.array([1, 5, 7], np.int32)  # row b sees tokens 0..positions[b]
+    step = tokens[np.arange(3), positions][:, None]
+    logits, _ = jax.jit(lambda s, t, c, p: nnx.merge(graphdef, s).decode(t, c, p))(state, step, cache, positions)
+    np.testing.assert_allclose(np.asarray(logits), full[np.arange(3), positions], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["drake", "learning"])
-def test_last_only_gives_the_last_logits_and_the_same_cache(variant):
+def test_encode_window_gives_the_logits_at_last_and_the_prefill_cache(variant):
     config = GPTConfig(vocab_size=9, context_length=8, model_dim=12, num_blocks=2, num_heads=3, variant=variant)
     model = model_from_params(random_params(config, 6), config)
     tokens = np.random.default_rng(6).integers(0, 9, size=(2, 6))
+    full = np.asarray(jitted_logits(model)(tokens))
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda s, t, c, last_only: nnx.merge(graphdef, s).forward(t, c, 0, last_only=last_only),
-                  static_argnums=3)
-    full, full_cache = run(state, tokens, init_cache(config, 2), False)
-    last, last_cache = run(state, tokens, init_cache(config, 2), True)
-    assert last.shape == (2, 1, 9)
-    np.testing.assert_allclose(np.asarray(last), np.asarray(full)[:, -1:], rtol=0, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(full_cache), jax.tree.leaves(last_cache)):
+    encode = jax.jit(lambda s, t, c, last: nnx.merge(graphdef, s).encode_window(t, c, last))
+    last = np.array([5, 2], np.int32)
+    logits, cache = encode(state, tokens, init_cache(config, 2), last)
+    assert logits.shape == (2, 9)
+    np.testing.assert_allclose(np.asarray(logits), full[np.arange(2), last], rtol=0, atol=1e-5)
+    prefilled = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).prefill(t, c))(state, tokens, init_cache(config, 2))
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(prefilled)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # Without a cache too (the causal mask must then use the query's true position).
-    last_nocache, _ = jax.jit(lambda s, t: nnx.merge(graphdef, s).forward(t, last_only=True))(state, tokens)
-    np.testing.assert_allclose(np.asarray(last_nocache), np.asarray(full)[:, -1:], rtol=0, atol=1e-5)
 
 
 def _plain_causal_attention(qkv):  # (B, T, 3, H, K): the formula, differentiated by JAX
@@ -201,7 +214,7 @@ def _plain_causal_attention(qkv):  # (B, T, 3, H, K): the formula, differentiate
 
 
 def test_causal_attention_backward_matches_autodiff():
-    from jaxgpt.model import causal_attention
+    from jaxgpt.ops import causal_attention
 
     rng = np.random.default_rng(7)
     qkv = rng.normal(0, 1, (2, 5, 3, 3, 4)).astype(np.float32)  # B, T, (q, k, v), H, K
@@ -221,9 +234,9 @@ def test_causal_attention_backward_matches_autodiff():
 
 
 def test_layer_norm_is_flax_s_forward_with_the_autodiff_gradients():
-    """`jaxgpt.model.layer_norm`: flax's LayerNorm (torch's variance) bit for bit, and its
+    """`jaxgpt.ops.layer_norm`: flax's LayerNorm (torch's variance) bit for bit, and its
     hand-written backward equals autodiff of that forward for x, scale and bias."""
-    from jaxgpt.model import layer_norm
+    from jaxgpt.ops import layer_norm
 
     rng = np.random.default_rng(3)
     x = (rng.normal(0, 2, (3, 5, 16)) + 4).astype(np.float32)  # an offset mean tests the centring
