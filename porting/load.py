@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxgpt.config import GPTConfig
 from porting import keymap
-from porting.errors import CheckpointError
+from porting.errors import CheckpointError, brief
 from porting.orbax_io import is_orbax_checkpoint, read_orbax
 from porting.safetensors_io import looks_like_safetensors, read_safetensors
 from porting.torch_zip import EMPTY_ZIP_MAGIC, LEGACY_MAGIC, ZIP_MAGIC, read_torch_zip
@@ -128,12 +128,12 @@ def _check_metadata(path: str, metadata: dict, config: GPTConfig) -> None:
     if "config" in metadata:
         try:
             fields = json.loads(metadata["config"]) if isinstance(metadata["config"], str) else metadata["config"]
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
             fields = None
         if not isinstance(fields, dict):
             raise CheckpointError(path, "malformed config in the file's metadata")
         declared += list(fields.items())
-    wrong = {f"{name}={value!r} (the tensors say {getattr(config, name)!r})"
+    wrong = {f"{name}={brief(value)} (the tensors say {getattr(config, name)!r})"
              for name, value in declared if name in _STORED_FIELDS and value != getattr(config, name)}
     if wrong:
         raise CheckpointError(path, f"the metadata disagrees with the tensors: {', '.join(sorted(wrong))}")

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 
 import ml_dtypes
 import numpy as np
 
 from porting.atomic import atomic_file
-from porting.errors import CheckpointError
+from porting.errors import CheckpointError, brief, cut
 
 _DTYPES = {
     "F32": np.dtype("<f4"),
@@ -32,6 +33,7 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+_MAX_NDIM = 32
 
 
 def looks_like_safetensors(head: bytes) -> bool:
@@ -42,7 +44,11 @@ def looks_like_safetensors(head: bytes) -> bool:
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Reads every tensor of a safetensors file.
+    """Reads every tensor of a safetensors file, as strictly as the safetensors library.
+
+    The file is memory-mapped: the arrays are read-only views of it, not copies. The entries
+    must tile the data exactly (sorted by offset, no gap, no overlap, nothing after the last),
+    as the library requires.
 
     Args:
       path: the file.
@@ -53,59 +59,74 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
 
     Raises:
       CheckpointError: truncated file, malformed header, unknown dtype, offsets that do not
-        match the shapes.
+        match the shapes or do not tile the data.
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    blob = _map(path)
     if len(blob) < 8:
         raise CheckpointError(path, f"truncated safetensors file ({len(blob)} bytes)")
     n = int.from_bytes(blob[:8], "little")
     if n > _MAX_HEADER or 8 + n > len(blob):
         raise CheckpointError(path, f"truncated safetensors file: header of {n} bytes, file of {len(blob)}")
+    if blob[8:9] != b"{":
+        raise CheckpointError(path, "malformed safetensors header: it does not start with '{'")
     try:
-        header = json.loads(blob[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"malformed safetensors header ({e})") from None
+        header = json.loads(str(blob[8 : 8 + n], "utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(path, f"malformed safetensors header ({type(e).__name__}: {cut(str(e), 120)})") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "malformed safetensors header: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(path, "malformed safetensors header: __metadata__ must map strings to strings")
-    buffer = memoryview(blob)[8 + n :]
-    entries = []
-    for name, info in header.items():
-        entries.append((_entry_offsets(path, name, info, len(buffer)), name, info))
+    buffer = blob[8 + n :]
+    entries = sorted((_entry_offsets(path, name, info), name, info) for name, info in header.items())
+    end = 0
+    for (begin, stop), name, _ in entries:
+        if begin != end:
+            raise CheckpointError(path, f"malformed safetensors file: the entries overlap or leave a gap at {cut(name)} "
+                                        f"(data_offsets [{begin}, {stop}], the previous entry ends at {end})")
+        end = stop
+    if end > len(buffer):
+        raise CheckpointError(path, f"truncated safetensors file: the entries end at byte {end:,} of {len(buffer):,} data bytes")
+    if end != len(buffer):
+        raise CheckpointError(path, f"malformed safetensors file: the entries overlap or leave a gap: they end at byte "
+                                    f"{end:,} of {len(buffer):,} data bytes")
     tensors: dict[str, np.ndarray] = {}
-    for (begin, _), name, info in sorted(entries, key=lambda e: e[0]):
+    for (begin, _), name, info in entries:
         dtype, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
-        array = np.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=begin).reshape(shape)
-        tensors[name] = array
+        tensors[name] = np.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=begin).reshape(shape)
     return tensors, dict(metadata)
 
 
-def _entry_offsets(path: str, name: str, info, size: int) -> tuple[int, int]:
+def _map(path: str) -> memoryview:
+    """The file mapped read-only (an empty view for an empty file)."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return memoryview(b"")
+            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+
+
+def _entry_offsets(path: str, name: str, info) -> tuple[int, int]:
     def bad(problem):
-        return CheckpointError(path, f"malformed safetensors entry {name}: {problem}")
+        return CheckpointError(path, f"malformed safetensors entry {cut(name)}: {problem}")
 
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise bad("needs dtype, shape and data_offsets")
-    if info["dtype"] not in _DTYPES:
-        raise bad(f"unsupported dtype {info['dtype']!r:.20} (supported: {', '.join(_DTYPES)})")
-    shape, offsets = info["shape"], info["data_offsets"]
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad(f"shape must be a list of non-negative ints, got {shape!r:.60}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if type(dtype) is not str or dtype not in _DTYPES:
+        raise bad(f"unsupported dtype {brief(dtype)} (supported: {', '.join(_DTYPES)})")
+    if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"shape must be a list of non-negative ints (at most {_MAX_NDIM}), got {brief(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise bad(f"data_offsets must be two ints, got {offsets!r:.60}")
+        raise bad(f"data_offsets must be two ints, got {brief(offsets)}")
     begin, end = offsets
-    nbytes = math.prod(shape) * _DTYPES[info["dtype"]].itemsize
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
     if not 0 <= begin <= end or end - begin != nbytes:
-        raise bad(f"data_offsets {offsets} do not hold {nbytes} bytes of shape {shape}")
-    if end > size:
-        raise CheckpointError(path, f"truncated safetensors file: {name} ends at byte {end} of {size} data bytes")
+        raise bad(f"data_offsets [{brief(begin)}, {brief(end)}] do not hold the {brief(nbytes)} bytes of its shape")
     return begin, end
 
 

@@ -67,6 +67,9 @@ def _payloads(marker):
                                          + b"tRK\x00)))tR.")
 
 
+PROTOCOL_2_GLOBALS = ("os.system protocol 2", "subprocess.call protocol 3", "nested in a tensor rebuild")
+
+
 def test_code_running_pickles_are_refused_with_nothing_run(tmp_path):
     marker = tmp_path / "pwned"
     for name, payload in _payloads(marker):
@@ -82,8 +85,11 @@ def test_code_running_pickles_are_refused_with_nothing_run(tmp_path):
         path = tmp_path / f"{name.replace(' ', '_')}.pt"
         hostile_archive(path, payload)
         message = load_error(path)
-        assert "refused to load global" in message and "nothing from the file was run" in message, name
-        assert re.search(r"global (posix|os|builtins|subprocess)\.\w+", message), message
+        assert "nothing from the file was run" in message, name
+        if name in PROTOCOL_2_GLOBALS:  # refused at the global itself
+            assert re.search(r"refused to load global (posix|os|builtins|subprocess)\.\w+", message), message
+        else:  # refused at the first opcode torch.save never writes (protocol 0 / 4 / 5)
+            assert re.search(r"unsupported pickle opcode [A-Z_]+ at byte \d+", message), message
         assert not marker.exists(), name
 
 
@@ -127,7 +133,7 @@ def test_object_state_cannot_be_injected(tmp_path):
     # (None, {"__defaults__": (1,)}) as slot state on the rebuild function itself.
     payload = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__K\x01\x85s\x86b."
     hostile_archive(tmp_path / "defaults.pt", payload)
-    assert "unexpected state for a function" in load_error(tmp_path / "defaults.pt")
+    assert "BUILD at byte 59 of data.pkl on something other than an OrderedDict" in load_error(tmp_path / "defaults.pt")
     good = tmp_path / "good.pt"
     torch.save({"w": torch.ones(2)}, good)
     np.testing.assert_array_equal(porting.read_state_dict(good)["w"], [1.0, 1.0])

@@ -161,16 +161,6 @@ def test_legacy_format_gets_a_resave_hint(tmp_path):
     assert str(tmp_path / "legacy.pt") in str(e.value)
 
 
-def test_compressed_records_are_read_too(tmp_path):
-    """torch writes stored records; a re-zipped (deflated) archive still reads identically."""
-    state = {"a": torch.randn(6, 2), "b": torch.randn(3).bfloat16()}
-    torch.save(state, tmp_path / "plain.pt")
-    with zipfile.ZipFile(tmp_path / "deflated.pt", "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in torch_records(tmp_path / "plain.pt").items():
-            zf.writestr(name, data)
-    assert_same_as_torch(read_torch_zip(tmp_path / "deflated.pt"), state)
-
-
 _TORCH_FREE = textwrap.dedent(
     """
     import sys
