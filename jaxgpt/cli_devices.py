@@ -6,9 +6,10 @@
                       local_device_ids, ...):
         start_distributed(distributed, coordinator_address, num_processes, process_id, local_device_ids)
         ...                       # only now may anything touch a JAX device
-        check_devices(devices, batch_size)
+        data_parallel_mesh(devices, batch_size, names=FLAGS)   # the library's checks, named by flag
 
-Every problem is a `CLIError` naming the flag, so it ends as one `jaxgpt: error: ...` line.
+`devices_option` is the one `--devices` of every command. Every problem ends as one
+`jaxgpt: error: ...` line naming the flag: the library raises it, given `FLAGS`.
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ import click
 
 from jaxgpt.cli import CLIError
 
-_FLAGS = {"coordinator_address": "--coordinator-address", "num_processes": "--num-processes",
-          "process_id": "--process-id", "local_device_ids": "--local-device-ids"}
+# What library messages call each setting (`names=` / `name=` of sharding and train functions).
+FLAGS = {"devices": "--devices", "batch_size": "--batch-size", "coordinator_address": "--coordinator-address",
+         "num_processes": "--num-processes", "process_id": "--process-id", "local_device_ids": "--local-device-ids"}
+
+
+def devices_option(what: str):
+    """The `--devices N` option; `what` says what is split over the first N devices."""
+    return click.option("--devices", type=click.IntRange(min=1), default=None, metavar="N",
+                        help=f"{what} over the first N devices [default: all; 1: a single device].")
 
 
 def device_options(command):
     """Adds --devices and the multi-host flags (in this order, after the command's own options)."""
     options = [
-        click.option("--devices", type=click.IntRange(min=1), default=None,
-                     help="Data-parallel over the first N devices [default: all; 1: a single device]."),
+        devices_option("Data-parallel training"),
         click.option("--distributed", is_flag=True, help="Multi-host run; settings detected by JAX (TPU pod "
                      "slice, Slurm, Open MPI) unless given below."),
         click.option("--coordinator-address", default=None, metavar="HOST:PORT",
@@ -47,7 +54,7 @@ def start_distributed(distributed: bool, coordinator_address, num_processes, pro
     Call it first: `jax.distributed.initialize` refuses to run once anything has touched a
     JAX device. With none of the flags this does nothing (a single-process run).
     """
-    from jaxgpt.sharding import DistributedError, check_distributed, initialize_distributed
+    from jaxgpt.sharding import check_distributed, initialize_distributed
 
     ids = None
     if local_device_ids is not None:
@@ -61,29 +68,9 @@ def start_distributed(distributed: bool, coordinator_address, num_processes, pro
             raise CLIError("--local-device-ids applies to multi-process runs: add --coordinator-address, "
                            "--num-processes and --process-id (or --distributed)")
         return False
-    try:
-        check_distributed(*settings, ids, names=_FLAGS)
-        initialize_distributed(*settings, ids)
-    except DistributedError as e:
-        raise CLIError(str(e)) from None
+    check_distributed(*settings, ids, names=FLAGS)  # a DistributedError (ValueError): one error line
+    initialize_distributed(*settings, ids)
     return True
-
-
-def check_devices(devices: int | None, batch_size: int) -> int:
-    """The number of devices data-parallel training splits each batch over; refuses what cannot work."""
-    import jax
-
-    if devices is not None and jax.process_count() > 1:
-        raise CLIError(f"--devices cannot be combined with a multi-process run ({jax.process_count()} processes): "
-                       "every process trains on all its devices")
-    if devices is not None and devices > jax.device_count():
-        raise CLIError(f"--devices {devices}: only {jax.device_count()} devices are visible")
-    n = jax.device_count() if devices is None else devices
-    if batch_size % n:
-        raise CLIError(f"--batch-size {batch_size} does not divide by the {n} devices of data-parallel training: pass "
-                       f"a multiple of {n}" + (", or --devices N for an N that divides it (1: one device)"
-                                               if jax.process_count() == 1 else ""))
-    return n
 
 
 def describe_parallel(devices: int | None) -> str:

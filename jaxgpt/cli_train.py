@@ -36,7 +36,7 @@ import sys
 import click
 
 from jaxgpt.cli import CLIError, default_weights, load_vocab
-from jaxgpt.cli_devices import check_devices, describe_parallel, device_options, start_distributed
+from jaxgpt.cli_devices import FLAGS, describe_parallel, device_options, devices_option, start_distributed
 
 _CONFIG_OPTIONS = ("context_length", "model_dim", "num_blocks", "num_heads", "variant")
 OUTPUTS = ("checkpoints", "history.json", "loss_curve.png", "vocab.json", "weights.pt", "weights.safetensors")
@@ -127,7 +127,7 @@ class _Plan:
 def _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, given, dropout, val_fraction,
           train_fields, resume, quiet, devices=None) -> _Plan:
     from jaxgpt.data import DataError, train_val_split
-    from jaxgpt.train import TrainConfig, check_resumable
+    from jaxgpt.train import TrainConfig, check_resumable, data_parallel_mesh
     from jaxgpt.vocab import Vocab, VocabError
 
     if vocab_path is not None and vocab_from_text:
@@ -162,7 +162,7 @@ def _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, 
         train_config = TrainConfig(**train_fields)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    check_devices(devices, train_config.batch_size)
+    data_parallel_mesh(devices, train_config.batch_size, names=FLAGS)
     run_info = {
         "text_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
         "val_fraction": val_fraction,
@@ -354,8 +354,7 @@ COMPARE_TOLERANCE = 1e-4  # nats/char: float32 summation orders differ, the mode
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Windows per forward pass.")
 @click.option("--compare-torch", is_flag=True, help="Also score with the notebook's torch model (needs torch).")
-@click.option("--devices", type=click.IntRange(min=1), default=None,
-              help="Split each batch over the first N local devices [default: all; 1: a single device].")
+@devices_option("Split each batch")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes.")
 def eval_command(weights, text_path, vocab_path, drop_unknown, max_chars, batch_size, compare_torch, devices,
@@ -381,11 +380,9 @@ def eval_command(weights, text_path, vocab_path, drop_unknown, max_chars, batch_
                      "pass --drop-unknown to remove them, or the checkpoint's vocabulary with --vocab")
     compile_cache.enable()
     from jaxgpt.evaluate import evaluate, evaluate_torch, torch_reference
+    from jaxgpt.sharding import resolve_devices
 
-    import jax
-
-    if devices is not None and devices > jax.local_device_count():
-        raise CLIError(f"--devices {devices}: only {jax.local_device_count()} local devices are visible")
+    resolve_devices(devices, name=FLAGS["devices"])  # refused before any compilation
     result = evaluate(model, tokens, batch_size=batch_size, progress=not (quiet or as_json), devices=devices)
     reference = None
     if compare_torch:

@@ -36,13 +36,20 @@ class DistributedError(ValueError):
 
 
 # ----------------------------------------------------------------------------- devices and meshes
-def resolve_devices(devices=None, *, pool: Sequence[jax.Device] | None = None) -> list[jax.Device]:
+def given(name: str, value) -> str:
+    """How a message quotes a setting: `devices=9` for an argument, `--devices 9` for a flag."""
+    return f"{name}={value!r}" if name.isidentifier() else f"{name} {value}"
+
+
+def resolve_devices(devices=None, *, pool: Sequence[jax.Device] | None = None,
+                    name: str = "devices") -> list[jax.Device]:
     """The devices a computation should use.
 
     Args:
       devices: None for every device of `pool`; a positive int n for the first n of them
         (1 turns sharding off); or a non-empty sequence of distinct `jax.Device`s from `pool`.
       pool: the devices to choose from (default `jax.local_devices()`, this process's).
+      name: what messages call `devices` (a CLI passes its flag, "--devices").
 
     Returns:
       The chosen devices, in order.
@@ -58,7 +65,7 @@ def resolve_devices(devices=None, *, pool: Sequence[jax.Device] | None = None) -
                          f"got {devices!r}: pass devices=1 to use a single device")
     if isinstance(devices, (int, np.integer)):
         if not 1 <= devices <= len(pool):
-            raise ValueError(f"devices={int(devices)}: must be between 1 and the {len(pool)} available "
+            raise ValueError(f"{given(name, int(devices))}: must be between 1 and the {len(pool)} available "
                              f"device{'s' if len(pool) != 1 else ''}")
         return pool[: int(devices)]
     if isinstance(devices, (list, tuple)) and devices and all(isinstance(d, jax.Device) for d in devices):
@@ -72,14 +79,14 @@ def resolve_devices(devices=None, *, pool: Sequence[jax.Device] | None = None) -
                      f"of jax.Device, got {devices!r}")
 
 
-def data_mesh(devices=None, *, pool: Sequence[jax.Device] | None = None) -> Mesh:
+def data_mesh(devices=None, *, pool: Sequence[jax.Device] | None = None, name: str = "devices") -> Mesh:
     """A 1-D mesh with the axis "data" over the chosen devices (see `resolve_devices`).
 
     The default (every device of the pool) goes through `jax.make_mesh`, which orders the
     devices along the physical topology (a ring on TPUs, good for the gradient all-reduce);
     an explicit count or list keeps the pool's / the caller's order.
     """
-    chosen = resolve_devices(devices, pool=pool)
+    chosen = resolve_devices(devices, pool=pool, name=name)
     if devices is None:
         return jax.make_mesh((len(chosen),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=chosen)
     return Mesh(np.asarray(chosen), (DATA_AXIS,), axis_types=(AxisType.Auto,))

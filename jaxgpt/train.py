@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -158,7 +158,7 @@ def make_eval_loss(graphdef, mesh=None) -> Callable:
     return lambda params, x, y: jitted(params, sharding.put_global_batch(x, rows), sharding.put_global_batch(y, rows))
 
 
-def data_parallel_mesh(devices, batch_size: int):
+def data_parallel_mesh(devices, batch_size: int, *, names: Mapping[str, str] | None = None):
     """The mesh `fit` trains on: a 1-D "data" mesh over the chosen devices of all processes.
 
     Args:
@@ -166,19 +166,22 @@ def data_parallel_mesh(devices, batch_size: int):
         first n (1: a single device); or a list of `jax.Device`. A multi-process run must use
         every device (each process runs the same program on its own devices).
       batch_size: the global batch, split evenly by rows.
+      names: what messages call `devices` and `batch_size` (a CLI passes its flags).
 
     Raises:
       DataParallelError: the batch does not divide by the device count, or devices leaves
         out part of a multi-process run. (ValueError for a malformed `devices`.)
     """
-    mesh = sharding.data_mesh(devices, pool=jax.devices())
+    name = lambda key: (names or {}).get(key, key)
+    mesh = sharding.data_mesh(devices, pool=jax.devices(), name=name("devices"))
     if jax.process_count() > 1 and mesh.size != jax.device_count():
-        raise DataParallelError(f"devices={devices!r}: a multi-process run trains on all {jax.device_count()} "
-                                f"devices of its {jax.process_count()} processes; leave devices unset")
+        raise DataParallelError(f"{sharding.given(name('devices'), devices)}: a multi-process run trains on all "
+                                f"{jax.device_count()} devices of its {jax.process_count()} processes; leave "
+                                f"{name('devices')} unset")
     if batch_size % mesh.size:
-        raise DataParallelError(f"batch_size {batch_size} does not divide by the {mesh.size} devices of the "
-                                f"data-parallel mesh: use a multiple of {mesh.size}, or fewer devices (devices=1 "
-                                "trains on one)")
+        raise DataParallelError(f"{name('batch_size')} {batch_size} does not divide by the {mesh.size} devices of the "
+                                f"data-parallel mesh: use a multiple of {mesh.size}, or fewer devices "
+                                f"({sharding.given(name('devices'), 1)} trains on one)")
     return mesh
 
 

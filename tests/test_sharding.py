@@ -119,7 +119,7 @@ def test_evaluation_is_independent_of_the_device_count(worker):
         assert results[devices]["num_chars"] == one["num_chars"], devices
         assert abs(results[devices]["nats_per_char"] - one["nats_per_char"]) < 1e-6, devices
     cli = worker["cli"]["eval_too_many_devices"]
-    assert cli["code"] == 1 and cli["stderr"] == "jaxgpt: error: --devices 9: only 8 local devices are visible\n"
+    assert cli["code"] == 1 and cli["stderr"] == "jaxgpt: error: --devices 9: must be between 1 and the 8 available devices\n"
 
 
 def test_a_batch_that_does_not_split_is_refused(worker):
@@ -247,7 +247,7 @@ def no_compile_cache(monkeypatch):
      "--process-id must be an integer in 0..1"),
     (["--local-device-ids", "0,1"], "--local-device-ids applies to multi-process runs"),
     (["--distributed", "--local-device-ids", "0,x"], "--local-device-ids must be comma-separated integers"),
-    (["--devices", "2"], "--devices 2: only 1 devices are visible"),
+    (["--devices", "2"], "--devices 2: must be between 1 and the 1 available device"),
 ])
 def test_train_cli_refuses_bad_device_flags_in_one_line(flags, message, text_file, tmp_path, capsys,
                                                         no_compile_cache):
