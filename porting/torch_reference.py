@@ -247,3 +247,81 @@ def inverse_cdf_generate(model, context, uniforms, context_length, temperature=1
         context = torch.cat((context, nxt[:, None]), dim=-1)
         out.append(nxt)
     return torch.stack(out, dim=1)
+
+
+# ----------------------------------------------------------------------------- scoring and beam search
+# The definitions of jaxgpt.score and jaxgpt.beam_search, written as the notebook's loop
+# (re-encode the cropped context at every step, no KV cache).
+@torch.no_grad()
+def reference_score(model, tokens, context_length, keep=None):
+    """Teacher-forced notebook loop: log p(token i | seed token 0 and tokens[:i]) for every i.
+
+    The context starts as [0]; before each prediction it is cut to its last `keep` tokens when
+    longer than `context_length` (keep = context_length, the default, is the notebook's crop;
+    context_length + 1 - stride is strided generation). Returns float32 `(n,)`.
+    """
+    keep = context_length if keep is None else keep
+    context, out = [0], []
+    for token in [int(t) for t in tokens]:
+        if len(context) > context_length:
+            context = context[-keep:]
+        logits = model(torch.tensor([context]))[0, -1]
+        out.append(F.log_softmax(logits.float(), dim=-1)[token])
+        context.append(token)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def reference_beam_search(model, context, num_new, beams, context_length, stop=()):
+    """Beam search by the definition of `jaxgpt.beam_search`, with the notebook's window.
+
+    A hypothesis' score is the sum of log_softmax(logits) of its generated tokens. Step 0
+    expands the context into its `beams` likeliest tokens; each later step ranks all beams x V
+    continuations (a frozen hypothesis, one that ended with a stop sequence, offers only
+    itself, at flat index beam x V, with its score unchanged) by score, ties to the lower flat
+    index beam x V + token, and keeps the best `beams`. Logits come from the last position of
+    the context cropped to its last `context_length` tokens.
+
+    Args:
+      model: a reference model in eval mode.
+      context: int64 `(B, T)`, T >= 1.
+      num_new: tokens to generate.
+      beams: hypotheses kept, 1..vocab_size.
+      stop: token-id sequences; a hypothesis whose generated tokens end with one is frozen.
+
+    Returns:
+      tokens int64 `(B, beams, num_new)` (-1 after a stop) and float32 scores `(B, beams)`,
+      best first.
+    """
+    batch = context.shape[0]
+    seqs = context[:, None, :]  # (B, K, T): K = 1 before step 0
+    scores = torch.zeros(batch, 1)
+    frozen = torch.zeros(batch, 1, dtype=torch.bool)
+    out = torch.full((batch, 1, 0), -1, dtype=torch.long)
+    stops = [list(s) for s in stop]
+    for _ in range(num_new):
+        k = seqs.shape[1]
+        window = seqs.reshape(batch * k, -1)[:, -context_length:]
+        logp = F.log_softmax(model(window)[:, -1].float(), dim=-1).reshape(batch, k, -1)  # (B, K, V)
+        vocab = logp.shape[-1]
+        candidates = scores[:, :, None] + logp
+        stay = torch.full_like(candidates, float("-inf"))
+        stay[:, :, 0] = scores
+        candidates = torch.where(frozen[:, :, None], stay, candidates).reshape(batch, k * vocab)
+        # stable descending sort: equal scores keep the lower flat index first
+        order = torch.sort(candidates, dim=1, descending=True, stable=True).indices[:, :beams]  # (B, beams)
+        parent, token = order // vocab, order % vocab
+        pick = lambda t: torch.gather(t, 1, parent.reshape(batch, beams, *([1] * (t.dim() - 2))).expand(
+            batch, beams, *t.shape[2:]))
+        was_frozen = pick(frozen[:, :, None])[:, :, 0]
+        scores = torch.gather(candidates, 1, order)
+        new = torch.where(was_frozen, torch.full_like(token, -1), token)
+        out = torch.cat([pick(out), new[:, :, None]], dim=2)
+        seqs = torch.cat([pick(seqs), torch.where(was_frozen, 0, token)[:, :, None]], dim=2)
+        frozen = was_frozen.clone()
+        for b in range(batch):
+            for h in range(beams):
+                generated = out[b, h].tolist()
+                if not frozen[b, h] and any(len(generated) >= len(s) and generated[-len(s):] == s for s in stops):
+                    frozen[b, h] = True
+    return out, scores
