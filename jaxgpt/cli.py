@@ -22,6 +22,7 @@ def app() -> None:
 COMMAND_MODULES = (
     "jaxgpt.cli_generate",
     "jaxgpt.cli_porting",
+    "jaxgpt.cli_serve",
     "jaxgpt.cli_train",
 )
 

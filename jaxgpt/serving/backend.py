@@ -1,0 +1,66 @@
+"""The server's view of the engine: the calls it makes into jaxgpt.requests / batching / score.
+
+Kept in one place so the server's use of the engine reads at a glance: build the Batcher
+(the same continuous-batching core `jaxgpt.complete(..., slots=M)` runs), turn validated
+request values into `Options`, compile everything at start-up, score an echoed prompt.
+"""
+
+from __future__ import annotations
+
+from jaxgpt.serving.protocol import APIError
+
+_OPTION_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "logit_bias", "stop",
+                  "logprobs", "mode", "stride")
+
+
+def as_sampler(model):
+    """A `jaxgpt.Sampler` (parameters split and placed once) for a GPT or a Sampler."""
+    from jaxgpt.generate import Sampler
+
+    return model if isinstance(model, Sampler) else Sampler(model)
+
+
+def make_batcher(sampler, slots: int, vocab, devices):
+    from jaxgpt.batching import Batcher
+
+    return Batcher(sampler, slots, vocab=vocab, devices=devices)
+
+
+def make_options(values: dict, vocab):
+    """`jaxgpt.requests.Options` of a validated request; the engine's own check is the last word.
+
+    protocol.plan has checked every value it knows about; a ValueError from `Options.validate`
+    still answers 400, naming the first option its message mentions.
+    """
+    from jaxgpt.requests import Options
+
+    try:
+        options = Options(**values)
+        options.validate(vocab)
+    except ValueError as e:
+        message = str(e)
+        param = next((name for name in _OPTION_FIELDS if name in message), None)
+        raise APIError(400, message, param=param) from None
+    return options
+
+
+def warm_up(batcher, vocab, context_length: int) -> None:
+    """Compiles the engine's programs now: a prompt of every prefill bucket, one chunk each."""
+    from jaxgpt.requests import Options
+
+    length, lengths = 1, [0]
+    while length < context_length:
+        lengths.append(length)
+        length *= 2
+    lengths.append(context_length)
+    char = vocab.decode([0])
+    for n in lengths:
+        slot = batcher.add(char * n, 2, Options(), 0, 0)
+        batcher.step()
+        if batcher.active():
+            batcher.cancel(slot)
+
+
+def prompt_logprobs(sampler, vocab, prompt: str, k: int):
+    """(logprobs, top_logprobs) of an echoed prompt's characters (the first has no condition: None)."""
+    raise APIError(400, "echo with logprobs needs jaxgpt.score, which this installation lacks", param="echo")
