@@ -62,6 +62,7 @@ def serve_command(weights, vocab, host, port, max_batch, max_queue, max_tokens, 
     from porting import load_weights
 
     from jaxgpt.serving.app import create_app
+    from jaxgpt.serving.backend import EngineUnavailable
     from jaxgpt.serving.server import Server
 
     path = weights if weights is not None else default_weights()
@@ -79,8 +80,11 @@ def serve_command(weights, vocab, host, port, max_batch, max_queue, max_tokens, 
     if not quiet:
         print(f"jaxgpt: {path}: {config.variant}, {model.num_params():,} parameters, context {config.context_length}; "
               f"{max_batch} slots; compiling" + ("" if cache else " (no compilation cache)"), file=sys.stderr)
-    app = create_app(model, vocab=characters, max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens,
-                     api_key=api_key, devices=devices, model_name=model_name)
+    try:
+        app = create_app(model, vocab=characters, max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens,
+                         api_key=api_key, devices=devices, model_name=model_name)
+    except EngineUnavailable as e:
+        raise CLIError(str(e)) from None
 
     def ready(url: str) -> None:
         if not quiet:

@@ -73,9 +73,10 @@ def test_schema_errors_are_422_naming_the_field(body, param):
     ({"mode": "fast"}, "mode", "'fast'"),
     ({"stride": 4}, "stride", "'strided' only"),
     ({"mode": "strided", "stride": 17}, "stride", "[1, 16]"),
-    ({"stop": ["a", ""]}, "stop", "empty"),
+    ({"stop": ["a", ""]}, "stop", "1..32 characters, got 0"),
+    ({"stop": "a" * 33}, "stop", "1..32 characters, got 33"),
     ({"stop": "Z"}, "stop", "'Z'"),
-    ({"stop": ["a"] * 17}, "stop", "at most 16"),
+    ({"stop": ["a"] * 5}, "stop", "at most 4"),
     ({"logit_bias": {"ab": 1.0}}, "logit_bias", "single characters"),
     ({"logit_bias": {"Z": 1.0}}, "logit_bias", "'Z'"),
     ({"logit_bias": {"a": 101.0}}, "logit_bias", "[-100.0, 100.0]"),
@@ -101,7 +102,7 @@ def test_rows_repeat_each_prompt_n_times_in_order_and_keep_the_seed():
     assert p.prompts == ("ab", "ab", "c", "c") and p.rows == 4 and p.n == 2
     assert p.seed == 7 and p.max_chars == 9
     assert p.options["stop"] == ("ba",)
-    assert p.options["logprobs"] == 1 and p.logprobs == 0  # the sampled character's logprob, no alternatives
+    assert p.options["logprobs"] == 0 and p.logprobs == 0  # the sampled character's logprob, no alternatives
     assert protocol.usage(p, 10) == {"prompt_tokens": 3, "completion_tokens": 10, "total_tokens": 13}
 
 
@@ -110,7 +111,7 @@ def test_a_request_without_seed_gets_one_and_defaults_are_neutral():
     assert len(seeds) > 1 and all(0 <= s < 2**32 for s in seeds)
     o = planned().options
     assert o == dict(temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
-                     logit_bias=None, stop=(), logprobs=0, mode="exact", stride=None)
+                     logit_bias=None, stop=(), logprobs=None, mode="exact", stride=None)
 
 
 def test_logit_bias_of_minus_100_bans():

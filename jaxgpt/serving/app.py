@@ -125,7 +125,8 @@ def create_app(model, *, vocab=None, max_batch: int = 32, max_queue: int = 256, 
     if vocab.size != config.vocab_size:
         raise ValueError(f"the vocabulary has {vocab.size} characters but the model has vocab_size {config.vocab_size}")
     limits = protocol.Limits(vocab=vocab, max_batch=max_batch, max_tokens=max_tokens,
-                             context_length=config.context_length, model_name=model_name)
+                             context_length=config.context_length, model_name=model_name,
+                             **backend.stop_limits())
     scheduler_ref: list[Scheduler] = []
     metrics = Metrics(gauges={
         "slots_busy": ("Engine slots generating now.", lambda: scheduler_ref[0].busy),
@@ -279,7 +280,7 @@ async def _echo(sampler, vocab, plan: Plan):
     scored = {}
     for prompt in dict.fromkeys(plan.prompts):
         scored[prompt] = await loop.run_in_executor(None, backend.prompt_logprobs, sampler, vocab, prompt,
-                                                    plan.logprobs)
+                                                    plan.logprobs, plan.options["mode"], plan.options["stride"])
     return [(p, *scored[p]) for p in plan.prompts]
 
 

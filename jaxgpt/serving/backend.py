@@ -20,8 +20,25 @@ def as_sampler(model):
     return model if isinstance(model, Sampler) else Sampler(model)
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine modules the server drives are missing from this installation."""
+
+
+def stop_limits() -> dict:
+    """The engine's fixed stop-string buffer sizes, as `protocol.Limits` fields."""
+    from jaxgpt import engine
+
+    return {"max_stops": getattr(engine, "MAX_STOPS", 4), "max_stop_len": getattr(engine, "MAX_STOP_LEN", 32)}
+
+
 def make_batcher(sampler, slots: int, vocab, devices):
-    from jaxgpt.batching import Batcher
+    try:
+        from jaxgpt.batching import Batcher
+    except ModuleNotFoundError as e:
+        if e.name != "jaxgpt.batching":
+            raise
+        raise EngineUnavailable("jaxgpt serve needs the continuous-batching engine (jaxgpt.batching), "
+                           "which this checkout lacks") from None
 
     return Batcher(sampler, slots, vocab=vocab, devices=devices)
 
@@ -61,6 +78,24 @@ def warm_up(batcher, vocab, context_length: int) -> None:
             batcher.cancel(slot)
 
 
-def prompt_logprobs(sampler, vocab, prompt: str, k: int):
-    """(logprobs, top_logprobs) of an echoed prompt's characters (the first has no condition: None)."""
-    raise APIError(400, "echo with logprobs needs jaxgpt.score, which this installation lacks", param="echo")
+def prompt_logprobs(sampler, vocab, prompt: str, top: int, mode: str = "exact", stride: int | None = None):
+    """(logprobs, top_logprobs) of an echoed prompt's characters, from `jaxgpt.score`.
+
+    Character i is scored as generation would see it after the seed token (so the first has a
+    value too); `top` dicts of the likeliest characters, most likely first (None when top = 0).
+    """
+    if not prompt:
+        return [], ([] if top else None)
+    try:
+        from jaxgpt.score import score_details
+    except ModuleNotFoundError as e:
+        if e.name != "jaxgpt.score":
+            raise
+        raise APIError(400, "echo: log-probabilities of the prompt need jaxgpt.score, missing from this "
+                       "installation", param="echo") from None
+    scores = score_details(sampler, prompt, vocab=vocab, mode=mode, stride=stride, top=max(top, 1))
+    tops = None
+    if top:
+        chars = vocab.decode(scores.top_ids.reshape(-1))
+        tops = [{chars[i * top + j]: float(scores.top_logprobs[i, j]) for j in range(top)} for i in range(len(prompt))]
+    return [float(x) for x in scores.logprobs], tops

@@ -8,7 +8,8 @@ one character of the model's vocabulary.
                         notebook's seed token)
     max_tokens          characters to generate per choice, 1..the server's cap (default 16)
     n                   choices per prompt; len(prompts) * n rows, at most the server's slots
-    temperature, top_p, seed, stop (a string or a list of up to 16), logprobs (0-5), echo,
+    temperature, top_p, seed, stop (a string or a list of up to 4, as OpenAI's; each at most 32
+                        characters), logprobs (0-5), echo,
     stream, stream_options.include_usage, user (ignored)
     extensions          top_k, min_p, repetition_penalty, logit_bias ({character: bias}; a bias
                         <= -100 bans the character, as OpenAI documents), mode ("exact" or
@@ -43,7 +44,6 @@ from pydantic import BaseModel, ConfigDict
 
 MAX_SEED = 2**32  # seeds are integers in [0, 2**32), as for `jaxgpt generate`
 MAX_LOGPROBS = 5
-MAX_STOP = 16
 BAN = -100.0  # OpenAI: a bias of -100 should ban the token
 MODES = ("exact", "strided")
 
@@ -110,6 +110,8 @@ class Limits:
     max_tokens: int
     context_length: int
     model_name: str = "jaxgpt"
+    max_stops: int = 4  # the engine's fixed-shape stop buffers (jaxgpt.engine.MAX_STOPS, MAX_STOP_LEN)
+    max_stop_len: int = 32
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ class Plan:
     options: dict
     seed: int
     echo: bool
-    logprobs: int | None  # None: no logprobs block; 0..5: the sampled character's plus that many
+    logprobs: int | None  # None: no logprobs block; 0..5: the sampled character's and that many alternatives
     stream: bool
     include_usage: bool
     n: int
@@ -225,11 +227,11 @@ def plan(request: CompletionRequest, limits: Limits) -> Plan:
             raise _bad("stride", "applies to mode 'strided' only")
         _check_range("stride", r.stride, 1, limits.context_length)
     stop = [] if r.stop is None else [r.stop] if isinstance(r.stop, str) else list(r.stop)
-    if len(stop) > MAX_STOP:
-        raise _bad("stop", f"at most {MAX_STOP} stop strings, got {len(stop)}")
+    if len(stop) > limits.max_stops:
+        raise _bad("stop", f"at most {limits.max_stops} stop strings, got {len(stop)}")
     for s in stop:
-        if not s:
-            raise _bad("stop", "a stop string must not be empty")
+        if not 1 <= len(s) <= limits.max_stop_len:
+            raise _bad("stop", f"a stop string has 1..{limits.max_stop_len} characters, got {len(s)}")
         _check_chars("stop", s, vocab)
     bias = {}
     for char, value in (r.logit_bias or {}).items():
@@ -246,7 +248,7 @@ def plan(request: CompletionRequest, limits: Limits) -> Plan:
         raise _bad("best_of", "is not supported by this server (only best_of = n)")
     options = dict(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
                    repetition_penalty=r.repetition_penalty, logit_bias=bias or None, stop=tuple(stop),
-                   logprobs=0 if r.logprobs is None else max(r.logprobs, 1), mode=r.mode, stride=r.stride)
+                   logprobs=r.logprobs, mode=r.mode, stride=r.stride)
     return Plan(prompts=tuple(p for p in prompts for _ in range(r.n)), max_chars=r.max_tokens,
                 options=options, seed=secrets.randbelow(MAX_SEED) if r.seed is None else r.seed,
                 echo=r.echo, logprobs=r.logprobs, stream=r.stream,

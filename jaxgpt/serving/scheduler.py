@@ -93,6 +93,12 @@ class Job:
             pass
 
 
+def _deliver(events) -> None:
+    """(In the event loop.) Hands each event to its job's queue."""
+    for event in events:
+        event.tag.job.queue.put_nowait(event)
+
+
 class Scheduler:
     """Admits queued rows into the Batcher's free slots at chunk boundaries and dispatches events.
 
@@ -246,6 +252,7 @@ class Scheduler:
             self._rebuild(Failure(500, f"internal error during generation: {type(e).__name__}: {e}"))
             return
         self.steps += 1
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for event in events:
             row = event.tag
             if event.finish_reason is not None and self._running.get(event.slot) is row:
@@ -253,7 +260,12 @@ class Scheduler:
                 row.slot = None
                 del self._running[event.slot]
             if not row.job.closed:
-                row.job.post(event)
+                by_loop.setdefault(row.job.loop, []).append(event)
+        for loop, batch in by_loop.items():  # one wake-up of each event loop per chunk, not one per row
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                pass
 
     def _fail(self, jobs, failure: Failure, *, log_it: bool = True) -> None:
         """Ends `jobs` with `failure`, freeing their slots and dropping their queued rows."""

@@ -1,0 +1,41 @@
+"""`jaxgpt serve` refuses unsafe or impossible settings with one line, before loading anything."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from jaxgpt.cli import main
+
+
+def run(argv, capsys):
+    code = main(["serve", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "example.org"])
+def test_a_non_loopback_bind_without_a_key_is_refused(host, capsys, monkeypatch):
+    monkeypatch.delenv("JAXGPT_API_KEY", raising=False)
+    code, out, err = run(["--host", host], capsys)
+    assert code == 1 and out == ""
+    assert err.startswith(f"jaxgpt: error: --host {host} is not a loopback address") and "--insecure" in err
+    assert err.count("\n") == 1
+
+
+def test_an_empty_key_is_refused(capsys, monkeypatch):
+    monkeypatch.setenv("JAXGPT_API_KEY", " ")
+    code, _, err = run([], capsys)
+    assert code == 1 and err == "jaxgpt: error: --api-key: the key is empty\n"
+
+
+def test_a_taken_port_is_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run(["--port", str(port)], capsys)
+    assert code == 1 and out == ""
+    assert err.startswith(f"jaxgpt: error: cannot listen on 127.0.0.1:{port}: ") and err.count("\n") == 1
+
