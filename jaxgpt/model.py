@@ -338,3 +338,31 @@ class GPT(nnx.Module):
 
     def num_params(self) -> int:
         return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+    def attention_weights(self, tokens) -> jax.Array:
+        """Every block's and head's softmax attention probabilities, positions 0..T-1 (eval mode).
+
+        Args:
+          tokens: int `(B, T)`, 1 <= T <= context_length.
+
+        Returns:
+          float32 `(num_blocks, B, H, T, T)`: [i, b, h, t, s] is the weight the query at t gives
+          the key at s in head h of block i; zero for s > t, each row sums to 1. Causal, so row t
+          does not depend on the tokens after t: right-padding the input to a fixed length leaves
+          rows < T as they are (one compiled shape serves every length).
+
+        Raises:
+          ValueError: in training mode (dropout would make the forward random), or a bad shape.
+        """
+        if self.training:
+            raise ValueError("attention_weights needs eval mode: call model.eval() first")
+        x = self._embed(tokens)  # (B, T, D)
+        t = x.shape[1]
+        causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # (T, T)
+        weights = []
+        for block in self.blocks:
+            q, k, _ = block.attention._qkv(block.norm1(x)).transpose(2, 0, 3, 1, 4)  # (B, H, T, K) each
+            scores = jnp.einsum("bhtk,bhsk->bhts", q, k) / math.sqrt(k.shape[-1])  # (B, H, T, T)
+            weights.append(jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1))
+            x, _ = block(x)
+        return jnp.stack(weights)  # (N, B, H, T, T)

@@ -325,3 +325,44 @@ def reference_beam_search(model, context, num_new, beams, context_length, stop=(
                 if not frozen[b, h] and any(len(generated) >= len(s) and generated[-len(s):] == s for s in stops):
                     frozen[b, h] = True
     return out, scores
+
+
+# ----------------------------------------------------------------------------- attention probabilities
+@torch.no_grad()
+def attention_probabilities(model, context):
+    """Every head's softmax attention probabilities, read from the per-head modules.
+
+    A forward hook on each head (`SingleHeadAttention` / `LearningHead`) takes the normalised
+    input it was given and recomputes its causal softmax from its own key and query layers,
+    the same operations as `_causal_attention`; the model's forward itself is unchanged.
+
+    Args:
+      model: a reference model (either variant) in eval mode.
+      context: int64 `(B, T)` tokens.
+
+    Returns:
+      float32 `(num_blocks, B, H, T, T)`: [i, b, j, t, s] is how much position t attends to
+      position s <= t in head j of block i (zero above the diagonal; each row sums to 1).
+    """
+    heads = [m for m in model.modules() if isinstance(m, (SingleHeadAttention, LearningHead))]
+    probs = {}
+
+    def hook(head, inputs, _output):
+        (embedded,) = inputs
+        key = head.key_layer if isinstance(head, SingleHeadAttention) else head.key_gen
+        query = head.query_layer if isinstance(head, SingleHeadAttention) else head.query_gen
+        k, q = key(embedded), query(embedded)  # (B, T, K) each
+        scores = q @ torch.transpose(k, 1, 2) / (k.shape[2] ** 0.5)  # (B, T, T)
+        t = k.shape[1]
+        mask = torch.tril(torch.ones(t, t, device=k.device)) == 0
+        probs[head] = F.softmax(scores.masked_fill(mask, float("-inf")), dim=2)
+
+    handles = [head.register_forward_hook(hook) for head in heads]
+    try:
+        model(context)
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_head = torch.stack([probs[head] for head in heads])  # (num_blocks * H, B, T, T), module order
+    num_blocks = len(model.transformer_blocks if hasattr(model, "transformer_blocks") else model.blocks)
+    return per_head.reshape(num_blocks, -1, *per_head.shape[1:]).transpose(1, 2)  # (N, B, H, T, T)
