@@ -78,13 +78,16 @@ def inspect_command(path: str, as_json: bool) -> None:
               help="Output format. Default from OUT: .pt/.pth/.bin torch, .safetensors Flax-native, "
                    "a directory (no suffix, .orbax or a trailing /) orbax.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT file (directories are never replaced).")
-def convert_command(src: str, dst: str, fmt: str | None, force: bool) -> None:
+@click.option("--verify", "check", is_flag=True,
+              help="Re-read OUT and check every tensor bit for bit against IN (after the layout mapping), "
+                   "the stored keys and the config.")
+def convert_command(src: str, dst: str, fmt: str | None, force: bool, check: bool) -> None:
     """Convert a checkpoint between torch .pt, safetensors and orbax, exactly.
 
     IN is any checkpoint `jaxgpt inspect` reads; OUT is written atomically (never partially).
     Writing a torch .pt needs torch (pip install "jaxgpt[torch]").
     """
-    from porting import TorchUnavailableError, convert
+    from porting import TorchUnavailableError, convert, verify
 
     if os.path.lexists(dst.rstrip("/")) and not force:
         raise CLIError(f"{dst}: already exists (use --force to replace a file)")
@@ -92,8 +95,12 @@ def convert_command(src: str, dst: str, fmt: str | None, force: bool) -> None:
         checkpoint = convert(src, dst, fmt)
     except TorchUnavailableError as e:
         raise CLIError(str(e)) from None
-    click.echo(f"wrote {dst}: {checkpoint.config.variant} model, {checkpoint.num_params:,} parameters "
-               f"(from {checkpoint.format} {src})")
+    line = (f"wrote {dst}: {checkpoint.config.variant} model, {checkpoint.num_params:,} parameters "
+            f"(from {checkpoint.format} {src})")
+    if check:
+        out = verify(checkpoint, dst.rstrip("/" + os.sep) or dst)
+        line += f"; verified: {len(out.params)} tensors identical bit for bit, {out.num_tensors} stored keys, same config"
+    click.echo(line)
 
 
 def register(app: click.Group) -> None:

@@ -18,6 +18,7 @@ from porting.export import (
     save_flax,
     save_weights,
     state_dict_from_model,
+    verify,
     write_params,
 )
 from porting.keymap import (
@@ -45,6 +46,7 @@ __all__ = [
     "save_weights",
     "save_flax",
     "convert",
+    "verify",
     "read_state_dict",
     "read_checkpoint",
     "Checkpoint",

@@ -16,14 +16,15 @@ from __future__ import annotations
 import collections
 import json
 import os
+import tempfile
 
 import numpy as np
 
 from jaxgpt.config import GPTConfig
 from porting import keymap
 from porting.atomic import atomic_file
-from porting.errors import CheckpointError, TorchUnavailableError
-from porting.load import Checkpoint, params_from_model, read_checkpoint
+from porting.errors import CheckpointError, TorchUnavailableError, summarize
+from porting.load import Checkpoint, params_from_model, read_checkpoint, read_state_dict
 from porting.orbax_io import write_orbax
 from porting.safetensors_io import write_safetensors
 
@@ -62,8 +63,12 @@ def write_params(path: str | os.PathLike, params: dict[str, np.ndarray], config:
         torch = _import_torch()
         state = keymap.state_dict_from_params(params, config)
         tensors = collections.OrderedDict((k, torch.from_numpy(v)) for k, v in state.items())
-        with atomic_file(path) as tmp:
-            torch.save(tensors, tmp)
+        with atomic_file(path) as tmp, tempfile.TemporaryDirectory(dir=os.path.dirname(tmp)) as holder:
+            # torch.save names the archive's folder after the file's stem: saving under the
+            # destination's own name (in a private directory) makes the bytes reproducible.
+            named = os.path.join(holder, os.path.basename(os.fspath(path)))
+            torch.save(tensors, named)
+            os.replace(named, tmp)
     elif fmt == "safetensors":
         write_safetensors(path, params, flax_metadata(config))
     elif fmt == "torch-safetensors":
@@ -125,3 +130,52 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str | None = No
     dst = os.fspath(dst).rstrip("/" + os.sep) or os.fspath(dst)
     write_params(dst, checkpoint.params, checkpoint.config, fmt)
     return checkpoint
+
+
+def verify(source: Checkpoint, dst: str | os.PathLike) -> Checkpoint:
+    """Re-reads a converted checkpoint and checks it against the one it was converted from.
+
+    Every tensor must be identical bit for bit after the layout mapping (both sides as Flax
+    float32 parameters), the stored keys must be exactly those of the output's key naming
+    (`keymap.layout`), and the configuration read back must be the source's.
+
+    Args:
+      source: the `Checkpoint` that `convert` returned (the input as read).
+      dst: the written file or directory.
+
+    Returns:
+      The `Checkpoint` read back from `dst`.
+
+    Raises:
+      CheckpointError: naming `dst` and every difference found.
+    """
+    out = read_checkpoint(dst)
+    problems = []
+    fields = ("variant", "vocab_size", "context_length", "model_dim", "num_blocks", "num_heads")
+    differ = [f"{f} {getattr(out.config, f)!r} (input {getattr(source.config, f)!r})"
+              for f in fields if getattr(out.config, f) != getattr(source.config, f)]
+    if differ:
+        problems.append("config differs: " + ", ".join(differ))
+    stored = set(read_state_dict(out.path))
+    expected = set(keymap.layout(out.config, out.scheme))
+    if stored != expected:
+        problems.append(f"stored keys differ from the {out.scheme} layout: "
+                        f"{len(expected - stored)} missing, {len(stored - expected)} unexpected")
+    missing = sorted(set(source.params) - set(out.params), key=keymap.natural_key)
+    extra = sorted(set(out.params) - set(source.params), key=keymap.natural_key)
+    if missing or extra:
+        problems.append(f"parameters differ: missing {summarize(missing)}; unexpected {summarize(extra)}")
+    changed = []
+    for key, want in source.params.items():
+        got = out.params.get(key)
+        if got is None:
+            continue
+        if got.dtype != np.float32 or got.shape != want.shape or not np.array_equal(
+                np.ascontiguousarray(got).view(np.uint32), np.ascontiguousarray(want, dtype=np.float32).view(np.uint32)):
+            changed.append(key)
+    if changed:
+        problems.append(f"{len(changed)} tensors differ in their bits: {summarize(sorted(changed, key=keymap.natural_key))}")
+    if problems:
+        raise CheckpointError(dst, "verification failed: " + "; ".join(problems))
+    return out
+

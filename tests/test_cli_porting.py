@@ -3,14 +3,19 @@ stderr line with a non-zero exit (never a traceback) for every bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import stat
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
 
+import porting
+import porting.safetensors_io
 from jaxgpt.cli import main
 from tests.porting_helpers import SMALL, hostile_archive, one_torch_thread, pickled, save_reference  # one_torch_thread: autouse fixture
 
@@ -157,3 +162,51 @@ def test_real_entry_point_hostile_file(tmp_path, checkpoint):
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("jaxgpt: error: ")
     assert "refused to load global posix.system" in run.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("dst,extra", [("out.pt", []), ("out.safetensors", []), ("out_dir", []),
+                                       ("t.safetensors", ["--to", "torch-safetensors"])])
+def test_convert_verify_one_line(tmp_path, capsys, checkpoint, dst, extra):
+    path, model = checkpoint
+    code, out, err = run_cli(capsys, "convert", path, tmp_path / dst, "--verify", *extra)
+    assert code == 0 and err == "" and out.count("\n") == 1, (out, err)
+    assert out.startswith(f"wrote {tmp_path / dst}: learning model")
+    params = porting.read_checkpoint(path).params
+    stored = len(model.state_dict()) if dst.endswith(".pt") or extra else len(params)  # torch keys or Flax paths
+    assert out.endswith(f"; verified: {len(params)} tensors identical bit for bit, {stored} stored keys, same config\n")
+
+
+def test_verify_finds_a_changed_bit_and_a_changed_config(tmp_path, checkpoint):
+    path, _ = checkpoint
+    source = porting.convert(path, tmp_path / "a.safetensors")
+    tensors, metadata = porting.safetensors_io.read_safetensors(tmp_path / "a.safetensors")
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    key = "blocks.0.mlp.up.kernel"
+    tensors[key].view(np.uint32)[0, 0] ^= 1  # the lowest mantissa bit of one value
+    porting.safetensors_io.write_safetensors(tmp_path / "b.safetensors", tensors, metadata)
+    with pytest.raises(porting.CheckpointError, match=rf"verification failed: 1 tensors differ in their bits: {key}$"):
+        porting.verify(source, tmp_path / "b.safetensors")
+    other = porting.convert(tmp_path / "a.safetensors", tmp_path / "c.safetensors")
+    smaller = dataclasses.replace(other, config=dataclasses.replace(other.config, vocab_size=other.config.vocab_size + 1))
+    with pytest.raises(porting.CheckpointError, match="config differs: vocab_size"):
+        porting.verify(smaller, tmp_path / "c.safetensors")
+
+
+def test_outputs_take_the_umask_and_pt_exports_are_reproducible(tmp_path, checkpoint):
+    path, _ = checkpoint
+    before = os.umask(0o027)
+    try:
+        for name, fmt in (("u.safetensors", None), ("u.pt", None), ("t.safetensors", "torch-safetensors")):
+            porting.convert(path, tmp_path / name, fmt)
+            assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o640, name
+    finally:
+        os.umask(before)
+    porting.convert(path, tmp_path / "weights.pt")
+    first = (tmp_path / "weights.pt").read_bytes()
+    porting.convert(path, tmp_path / "weights.pt")  # replaced: another temporary, same bytes
+    assert (tmp_path / "weights.pt").read_bytes() == first
+    (tmp_path / "other").mkdir()
+    porting.convert(path, tmp_path / "other" / "weights.pt")
+    assert (tmp_path / "other" / "weights.pt").read_bytes() == first
+    with zipfile.ZipFile(tmp_path / "weights.pt") as zf:
+        assert {n.split("/")[0] for n in zf.namelist()} == {"weights"}  # as torch.save names it
