@@ -153,8 +153,14 @@ _PATTERNS = {(s, v, r.flax): _regex(r.name(s, v)) for s in (TORCH, FLAX) for v i
              if r.name(s, v) is not None}
 
 
+# Per naming, one regex matching any of its keys (the named groups dropped: they would repeat).
+_NAMING = {(s, v): re.compile("|".join(f"(?:{re.sub(r'[?]P<[a-z]>', '?:', p.pattern)})"
+                                       for (s2, v2, _), p in _PATTERNS.items() if (s2, v2) == (s, v)))
+           for s in (TORCH, FLAX) for v in VARIANTS}
+
+
 def _matches(key: str, scheme: str, variant: str) -> bool:
-    return any(_PATTERNS[(scheme, variant, r.flax)].fullmatch(key) for r in TABLE if (scheme, variant, r.flax) in _PATTERNS)
+    return _NAMING[(scheme, variant)].fullmatch(key) is not None
 
 
 def detect_naming(keys, source: str = "<state dict>") -> tuple[str, str]:
@@ -284,9 +290,14 @@ def check_layout(state: Mapping[str, np.ndarray], config: GPTConfig, scheme: str
             dtypes.append(f"{key} is {value.dtype}")
         else:
             values = np.asarray(value, dtype=np.float32)
-            nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
-            if nan or inf:
-                nonfinite.append(f"{key} ({nan} NaN, {inf} inf)")
+            # One pass without a temporary: the sum is finite unless a value is not (or the sum
+            # overflows, which the exact count then tells apart).
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = values.sum()
+            if not np.isfinite(total):
+                nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+                if nan or inf:
+                    nonfinite.append(f"{key} ({nan} NaN, {inf} inf)")
     problems = []
     for what, items in (("missing key", missing), ("unexpected key", unexpected), ("shape mismatch", shapes),
                         ("non-floating tensor", dtypes), ("tensor with non-finite values", nonfinite)):

@@ -10,6 +10,7 @@ The variant and the whole configuration come from the key names and shapes (keym
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections import Counter
@@ -169,28 +170,43 @@ def read_checkpoint(path: str | os.PathLike, *, dropout: float = 0.2) -> Checkpo
     )
 
 
-def model_from_params(params: dict[str, np.ndarray], config: GPTConfig):
-    """A `jaxgpt.GPT` in eval mode holding `params` (Flax path -> array of the right shape).
+@functools.lru_cache(maxsize=8)
+def _abstract_model(config: GPTConfig):
+    """(graphdef, [(path, name, abstract variable)]) of an eval-mode GPT of `config`.
 
-    The module is built abstractly (`nnx.eval_shape`): no random initialisation is computed.
+    Built with `nnx.eval_shape` (no random initialisation is computed) once per configuration:
+    tracing the constructor costs more than the rest of a load, and its result is immutable.
     """
-    import jax.numpy as jnp
     from flax import nnx
 
     from jaxgpt.model import GPT
 
     abstract = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
+    abstract.eval()  # the mode is static structure: models merged from this graphdef are in eval mode
     graphdef, state = nnx.split(abstract)
-    leaves = []
-    for path, variable in nnx.to_flat_state(state):
-        name = ".".join(str(p) for p in path)
+    leaves = [(path, ".".join(str(p) for p in path), variable) for path, variable in nnx.to_flat_state(state)]
+    return graphdef, leaves
+
+
+def model_from_params(params: dict[str, np.ndarray], config: GPTConfig):
+    """A `jaxgpt.GPT` in eval mode holding `params` (Flax path -> array of the right shape).
+
+    The module's structure is built abstractly (see `_abstract_model`) and the parameters
+    are put on the device in one transfer.
+    """
+    import jax
+    from flax import nnx
+
+    graphdef, leaves = _abstract_model(config)
+    values = []
+    for _, name, variable in leaves:
         value = params[name]
         if tuple(value.shape) != tuple(variable.shape):  # guards the keymap against model changes
             raise ValueError(f"parameter {name}: expected shape {variable.shape}, got {value.shape}")
-        leaves.append((path, variable.replace(jnp.asarray(value, dtype=jnp.float32))))
-    model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
-    model.eval()
-    return model
+        values.append(np.asarray(value, dtype=np.float32))
+    arrays = jax.device_put(values)
+    state = nnx.from_flat_state([(path, variable.replace(array)) for (path, _, variable), array in zip(leaves, arrays)])
+    return nnx.merge(graphdef, state)
 
 
 def params_from_model(model) -> dict[str, np.ndarray]:

@@ -86,6 +86,9 @@ _OTHER_NAMES = {b"\x95": "FRAME", b"\x93": "STACK_GLOBAL", b"\x94": "MEMOIZE", b
                 b"0": "POP", b"1": "DUP", b"2": "POP_MARK"}
 
 
+_ONE_BYTE_ARGUMENT = frozenset(b"Kqh")  # handled inline by `_Machine.run`
+
+
 class _Machine:
     """One run of the interpreter over `data`; see `load`."""
 
@@ -95,7 +98,7 @@ class _Machine:
         self.stack: list = []
         self.marks: list[list] = []
         self.marked = 0  # objects on the marked stacks
-        self.ops = {code: getattr(self, "op_" + name) for code, name in _OPCODE_NAMES.items() if name != "STOP"}
+        self.ops = {code[0]: getattr(self, "op_" + name) for code, name in _OPCODE_NAMES.items() if name != "STOP"}
         self.memo: dict[int, object] = {}
         self.depths: dict[int, int] = {}  # id(tuple) -> nesting depth
         self.keep: list = []  # keeps every tuple alive so that its id stays its own
@@ -167,21 +170,38 @@ class _Machine:
 
     # -- the interpreter
     def run(self):
+        # The opcodes a state dict is made of are handled inline (a method call per opcode
+        # would double the reading time of a checkpoint); the rest through `self.ops`.
         data, ops, size = self.data, self.ops, len(self.data)
+        memo = self.memo
         while self.pos < size:
-            code = data[self.pos : self.pos + 1]
+            code = data[self.pos]
             self.pos += 1
-            op = ops.get(code)
-            if op is not None:
-                op()
-            elif code == b".":
+            if code in _ONE_BYTE_ARGUMENT and self.pos >= size:
+                raise Refused(f"data.pkl ends in the middle of an opcode argument (byte {self.pos})")
+            if code == 0x4B:  # BININT1
+                self.push(data[self.pos])
+                self.pos += 1
+            elif code == 0x71:  # BINPUT
+                self._put(data[self.pos])
+                self.pos += 1
+            elif code == 0x68:  # BINGET
+                index = data[self.pos]
+                self.pos += 1
+                if index not in memo:
+                    raise Refused(f"data.pkl refers to memo entry {index}, which was never stored (byte {self.pos})")
+                self.push(memo[index])
+            elif code == 0x2E:  # STOP
                 if len(self.stack) != 1 or self.marks:
                     raise Refused("data.pkl stops with a malformed stack")
                 return self.stack[0]
             else:
-                what = _OTHER_NAMES.get(code, f"0x{code.hex()}")
-                raise Refused(f"unsupported pickle opcode {what} at byte {self.pos - 1} of data.pkl: only the opcodes "
-                              f"torch.save writes for a state dict (protocol 2) are read; nothing from the file was run")
+                op = ops.get(code)
+                if op is None:
+                    what = _OTHER_NAMES.get(bytes([code]), f"0x{code:02x}")
+                    raise Refused(f"unsupported pickle opcode {what} at byte {self.pos - 1} of data.pkl: only the opcodes "
+                                  f"torch.save writes for a state dict (protocol 2) are read; nothing from the file was run")
+                op()
         raise Refused("data.pkl ends before its STOP opcode (truncated)")
 
     def op_PROTO(self):
