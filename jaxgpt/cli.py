@@ -20,6 +20,7 @@ def app() -> None:
 # The command modules. Each has a `register(app)` function that adds its commands to `app`;
 # a new module is one more line here (alphabetical).
 COMMAND_MODULES = (
+    "jaxgpt.cli_attention",
     "jaxgpt.cli_generate",
     "jaxgpt.cli_porting",
     "jaxgpt.cli_serve",
