@@ -50,21 +50,14 @@ class Interrupted(CLIError):
 
 def _encode(text: str, text_path: str, vocab, drop_unknown: bool, quiet: bool, remedy: str):
     """Ids of the text; unknown characters are an error unless dropped, and dropping is reported."""
-    from jaxgpt.data import encode_text
+    from jaxgpt.data import count_unknown, encode_text
 
     unknown = vocab.unknown_chars(text)
     if unknown and not drop_unknown:
-        count = sum(text.count(c) for c in unknown)
-        shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-        raise CLIError(f"{text_path}: {count} characters ({len(unknown)} distinct: {shown}) are not in the "
-                       f"vocabulary: {remedy}")
-    tokens = encode_text(text, vocab, drop_unknown=drop_unknown)
+        raise CLIError(f"{text_path}: {count_unknown(text, unknown)} are not in the vocabulary: {remedy}")
     if unknown and not quiet:
-        count = len(text) - len(tokens)
-        shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-        print(f"jaxgpt: note: dropped {count} characters ({len(unknown)} distinct: {shown}) not in the vocabulary",
-              file=sys.stderr)
-    return tokens
+        print(f"jaxgpt: note: dropped {count_unknown(text, unknown)} not in the vocabulary", file=sys.stderr)
+    return encode_text(text, vocab, drop_unknown=drop_unknown)
 
 
 def _read_text(path: str, max_chars: int | None = None) -> str:
@@ -82,32 +75,85 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _model_config(given: dict, vocab, init_checkpoint, dropout: float | None, init_path: str | None):
+@dataclasses.dataclass(frozen=True)
+class TrainArgs:
+    """`jaxgpt train`'s command line as given (one field per option); `_plan` checks it."""
+
+    # The text and its vocabulary.
+    text_path: str
+    val_fraction: float
+    vocab_path: str | None
+    vocab_from_text: bool
+    drop_unknown: bool
+    # The model: None is the published value, or with --init the checkpoint's.
+    init_path: str | None
+    context_length: int | None
+    model_dim: int | None
+    num_blocks: int | None
+    num_heads: int | None
+    variant: str | None
+    dropout: float | None
+    # Optimisation: the fields of jaxgpt.train.TrainConfig.
+    steps: int
+    batch_size: int
+    learning_rate: float
+    min_learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    eval_interval: int
+    eval_batches: int
+    checkpoint_interval: int
+    log_interval: int
+    # The run.
+    out: str
+    resume: bool
+    quiet: bool
+    # Devices and hosts (jaxgpt.cli_devices).
+    devices: int | None
+    distributed: bool
+    coordinator_address: str | None
+    num_processes: int | None
+    process_id: int | None
+    local_device_ids: str | None
+
+    def model_options(self) -> dict:
+        """The model options given on the command line (None: not given)."""
+        return {name: getattr(self, name) for name in _CONFIG_OPTIONS}
+
+    def train_config(self):
+        """The TrainConfig of these options (it raises a precise ValueError for a bad value)."""
+        from jaxgpt.train import TrainConfig
+
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)
+                              if hasattr(self, f.name)})
+
+
+def _model_config(args: TrainArgs, vocab, init_checkpoint):
     """The GPTConfig to train: the checkpoint's with --init (options must agree), else options/defaults."""
     from jaxgpt.config import PUBLISHED, GPTConfig
 
+    given = args.model_options()
+    dropout = PUBLISHED.dropout if args.dropout is None else args.dropout
     if init_checkpoint is not None:
         config = init_checkpoint.config
         clashes = [f"--{name.replace('_', '-')} {given[name]} (the checkpoint has {getattr(config, name)})"
                    for name in _CONFIG_OPTIONS if given[name] is not None and given[name] != getattr(config, name)]
         if clashes:
-            raise CLIError(f"--init {init_path}: {'; '.join(clashes)}: leave these options out to fine-tune it")
+            raise CLIError(f"--init {args.init_path}: {'; '.join(clashes)}: leave these options out to fine-tune it")
         if config.vocab_size != vocab.size:
-            raise CLIError(f"--init {init_path} has vocab_size {config.vocab_size} but the vocabulary has {vocab.size} "
-                           "characters: pass the vocabulary it was trained with (--vocab JSON)")
-        return config.replace(dropout=PUBLISHED.dropout if dropout is None else dropout)
+            raise CLIError(f"--init {args.init_path} has vocab_size {config.vocab_size} but the vocabulary has "
+                           f"{vocab.size} characters: pass the vocabulary it was trained with (--vocab JSON)")
+        return config.replace(dropout=dropout)
     fields = {name: given[name] if given[name] is not None else getattr(PUBLISHED, name) for name in _CONFIG_OPTIONS}
-    fields["dropout"] = PUBLISHED.dropout if dropout is None else dropout
     if fields["model_dim"] % fields["num_heads"]:
         raise CLIError(f"--model-dim {fields['model_dim']} must be divisible by --num-heads {fields['num_heads']}"
                        + ("" if given["num_heads"] is not None else " (the default)"))
-    try:
-        return GPTConfig(vocab_size=vocab.size, **fields)
-    except ValueError as e:
-        raise CLIError(str(e).replace("GPTConfig.", "--").replace("_", "-")) from None
+    return GPTConfig(vocab_size=vocab.size, dropout=dropout, **fields)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Plan:
     """Everything `train` needs, checked, before anything is written."""
 
@@ -124,51 +170,25 @@ class _Plan:
     devices: int | None  # None: every device
 
 
-def _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, given, dropout, val_fraction,
-          train_fields, resume, quiet, devices=None) -> _Plan:
-    from jaxgpt.data import DataError, train_val_split
-    from jaxgpt.train import TrainConfig, check_resumable, data_parallel_mesh
+def _vocabulary(args: TrainArgs, text: str):
+    """(Vocab, description) from --vocab, --vocab-from-text, beside --init, or the published map."""
     from jaxgpt.vocab import Vocab, VocabError
 
-    if vocab_path is not None and vocab_from_text:
+    if args.vocab_path is not None and args.vocab_from_text:
         raise CLIError("--vocab and --vocab-from-text exclude each other")
-    if vocab_from_text and init_path is not None:
+    if args.vocab_from_text and args.init_path is not None:
         raise CLIError("--vocab-from-text cannot fine-tune --init: the checkpoint's ids follow its own vocabulary "
                        "(pass that one with --vocab)")
-    text = _read_text(text_path)
-    if vocab_from_text:
-        try:
-            vocab, vocab_source = Vocab.from_text(text), f"built from {text_path}"
-        except VocabError as e:
-            raise CLIError(f"{text_path}: {e}") from None
-    else:
-        vocab, vocab_source = load_vocab(vocab_path, init_path)
-    init = None
-    if init_path is not None:
-        import porting
+    if not args.vocab_from_text:
+        return load_vocab(args.vocab_path, args.init_path)
+    try:
+        return Vocab.from_text(text), f"built from {args.text_path}"
+    except VocabError as e:
+        raise CLIError(f"{args.text_path}: {e}") from None
 
-        try:
-            init = porting.read_checkpoint(init_path)
-        except porting.CheckpointError as e:
-            raise CLIError(f"--init {e}") from None
-    model_config = _model_config(given, vocab, init, dropout, init_path)
-    tokens = _encode(text, text_path, vocab, drop_unknown, quiet, "pass --drop-unknown to remove them, "
-                     "--vocab-from-text to build the vocabulary from the text, or --vocab JSON")
-    try:
-        split = train_val_split(tokens, val_fraction, model_config.context_length)
-    except DataError as e:
-        raise CLIError(f"{text_path}: {e}") from None
-    try:
-        train_config = TrainConfig(**train_fields)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    data_parallel_mesh(devices, train_config.batch_size, names=FLAGS)
-    run_info = {
-        "text_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
-        "val_fraction": val_fraction,
-        "vocab": "".join(vocab.chars),
-        "init_sha256": _file_sha256(init_path) if init_path and os.path.isfile(init_path) else init_path,
-    }
+
+def _check_out(out: str) -> str:
+    """The absolute --out directory, if it is new or holds only a training run's outputs."""
     out = os.path.abspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise CLIError(f"--out {out}: exists and is not a directory")
@@ -182,13 +202,47 @@ def _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, 
         raise CLIError(f"--out {out}: the parent directory {parent} does not exist")
     if not os.access(parent if not os.path.exists(out) else out, os.W_OK):
         raise CLIError(f"--out {out}: not writable")
+    return out
+
+
+def _plan(args: TrainArgs) -> _Plan:
+    from jaxgpt.data import DataError, train_val_split
+    from jaxgpt.runs import check_resumable
+    from jaxgpt.train import data_parallel_mesh
+
+    text = _read_text(args.text_path)
+    vocab, vocab_source = _vocabulary(args, text)
+    init = None
+    if args.init_path is not None:
+        import porting
+
+        try:
+            init = porting.read_checkpoint(args.init_path)
+        except porting.CheckpointError as e:
+            raise CLIError(f"--init {e}") from None
+    model_config = _model_config(args, vocab, init)
+    tokens = _encode(text, args.text_path, vocab, args.drop_unknown, args.quiet, "pass --drop-unknown to remove "
+                     "them, --vocab-from-text to build the vocabulary from the text, or --vocab JSON")
+    try:
+        split = train_val_split(tokens, args.val_fraction, model_config.context_length)
+    except DataError as e:
+        raise CLIError(f"{args.text_path}: {e}") from None
+    train_config = args.train_config()
+    data_parallel_mesh(args.devices, train_config.batch_size, names=FLAGS)
+    run_info = {
+        "text_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+        "val_fraction": args.val_fraction,
+        "vocab": "".join(vocab.chars),
+        "init_sha256": (_file_sha256(args.init_path) if args.init_path and os.path.isfile(args.init_path)
+                        else args.init_path),
+    }
+    out = _check_out(args.out)
     resume_step = check_resumable(os.path.join(out, "checkpoints"), model_config, train_config, run_info)
-    if resume_step is not None and not resume:
+    if resume_step is not None and not args.resume:
         raise CLIError(f"--out {out} already holds checkpoints (up to step {resume_step}): drop --no-resume to "
                        "continue that run, or choose another --out")
-    export_torch = importlib.util.find_spec("torch") is not None
-    return _Plan(out, model_config, train_config, split, vocab, vocab_source, init, run_info, resume_step, export_torch,
-                 devices)
+    return _Plan(out, model_config, train_config, split, vocab, vocab_source, init, run_info, resume_step,
+                 export_torch=importlib.util.find_spec("torch") is not None, devices=args.devices)
 
 
 @click.command("train")
@@ -197,11 +251,12 @@ def _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, 
               help="Output directory (its parent must exist); an existing run there is resumed.")
 @click.option("--steps", type=click.IntRange(min=1), default=5000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="Peak learning rate (after warmup).")
-@click.option("--min-lr", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+@click.option("--min-lr", "min_learning_rate", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Learning rate at the end of the cosine decay.")
-@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True, help="Linear warmup steps.")
+@click.option("--warmup", "warmup_steps", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Linear warmup steps.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.1, show_default=True)
 @click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Global gradient-norm clip.")
@@ -232,26 +287,17 @@ def _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, 
               help="Continue the run found in --out (--no-resume: refuse to).")
 @device_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes.")
-def train_command(text_path, out, steps, batch_size, lr, min_lr, warmup, weight_decay, grad_clip, seed,
-                  eval_interval, eval_batches, checkpoint_interval, log_interval, val_fraction, init_path, vocab_path,
-                  vocab_from_text, drop_unknown, context_length, model_dim, num_blocks, num_heads, variant, dropout,
-                  resume, devices, distributed, coordinator_address, num_processes, process_id, local_device_ids,
-                  quiet) -> None:
+def train_command(**options) -> None:
     """Train (or fine-tune with --init) the character-level GPT on a text."""
     from jaxgpt import compile_cache
 
+    args = TrainArgs(**options)
     # First of all: jax.distributed must start before anything touches a device.
-    start_distributed(distributed, coordinator_address, num_processes, process_id, local_device_ids)
-    given = {"context_length": context_length, "model_dim": model_dim, "num_blocks": num_blocks,
-             "num_heads": num_heads, "variant": variant}
-    train_fields = dict(steps=steps, batch_size=batch_size, learning_rate=lr, min_learning_rate=min_lr,
-                        warmup_steps=warmup, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
-                        eval_interval=eval_interval, eval_batches=eval_batches,
-                        checkpoint_interval=checkpoint_interval, log_interval=log_interval)
-    plan = _plan(text_path, out, vocab_path, vocab_from_text, drop_unknown, init_path, given, dropout, val_fraction,
-                 train_fields, resume, quiet, devices)
+    start_distributed(args.distributed, args.coordinator_address, args.num_processes, args.process_id,
+                      args.local_device_ids)
+    plan = _plan(args)
     compile_cache.enable()
-    _run(plan, quiet)
+    _run(plan, args.quiet)
 
 
 def _run(plan: _Plan, quiet: bool) -> None:
@@ -261,7 +307,8 @@ def _run(plan: _Plan, quiet: bool) -> None:
     from jaxgpt.model import GPT
     from jaxgpt.plots import plot_history
     from jaxgpt.sharding import is_primary_process
-    from jaxgpt.train import fit, latest_step
+    from jaxgpt.runs import latest_step
+    from jaxgpt.train import fit
 
     mc, tc = plan.model_config, plan.train_config
     # Multi-host: every process trains (and orbax checkpoints from all); one writes the files.

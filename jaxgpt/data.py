@@ -38,18 +38,21 @@ def read_text(path: str | os.PathLike) -> str:
     return text
 
 
+def count_unknown(text: str, unknown: list[str]) -> str:
+    """"4 characters (1 distinct: 'ö')": how many characters of `text` are the `unknown` ones."""
+    count = sum(text.count(c) for c in unknown)
+    shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+    return f"{count} characters ({len(unknown)} distinct: {shown})"
+
+
 def encode_text(text: str, vocab: Vocab, *, drop_unknown: bool = False) -> np.ndarray:
     """Text -> int32 ids `(N,)`. Unknown characters raise, unless `drop_unknown` removes them."""
     unknown = vocab.unknown_chars(text)
     if unknown and drop_unknown:
         text = text.translate({ord(c): None for c in unknown})
     elif unknown:
-        count = sum(text.count(c) for c in unknown)
-        shown = ", ".join(repr(c) for c in unknown[:10])
-        raise VocabError(
-            f"{count} characters ({len(unknown)} distinct: {shown}) are not in the vocabulary; "
-            "pass drop_unknown (--drop-unknown) to remove them or build a vocabulary from the text"
-        )
+        raise VocabError(f"{count_unknown(text, unknown)} are not in the vocabulary; pass drop_unknown "
+                         "(--drop-unknown) to remove them or build a vocabulary from the text")
     return vocab.encode(text)
 
 

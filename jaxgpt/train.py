@@ -20,7 +20,6 @@ run up to float summation order (tests/test_sharding.py: 20 steps within 1e-5).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import threading
@@ -34,18 +33,10 @@ import optax
 from flax import nnx
 
 from jaxgpt import sharding
-from jaxgpt.atomic import write_json
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import Split, get_batch
 from jaxgpt.model import GPT
-
-RUN_FILE = "run.json"  # beside the orbax step directories: what the checkpoints were trained with
-HISTORY_FILE = "history.json"
-
-
-class ResumeError(ValueError):
-    """A checkpoint directory holds a run that the requested one cannot continue."""
-
+from jaxgpt.runs import HISTORY_FILE, open_run
 
 class DataParallelError(ValueError):
     """The requested devices cannot split the batch (or leave out processes of a multi-host run)."""
@@ -85,6 +76,10 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+    def numeric(self) -> dict:
+        """The fields that decide the trained weights (`NUMERIC_FIELDS`), by name."""
+        return {name: getattr(self, name) for name in NUMERIC_FIELDS}
 
 
 NUMERIC_FIELDS = ("steps", "batch_size", "learning_rate", "min_learning_rate", "warmup_steps", "weight_decay",
@@ -202,81 +197,7 @@ def estimate_loss(eval_loss, params, tokens: np.ndarray, context_length: int, ba
     return float(np.mean(jax.device_get(losses)))
 
 
-# ----------------------------------------------------------------------------- run records
-def run_record(model_config: GPTConfig, config: TrainConfig, run_info: dict | None = None) -> dict:
-    """What decides a run's numbers: the model config, the numeric TrainConfig fields, `run_info`."""
-    return {
-        "model": dataclasses.asdict(model_config),
-        "train": {name: getattr(config, name) for name in NUMERIC_FIELDS},
-        "run": dict(run_info or {}),
-    }
-
-
-def check_resumable(checkpoint_dir: str, model_config: GPTConfig, config: TrainConfig,
-                    run_info: dict | None = None) -> int | None:
-    """The step a run in `checkpoint_dir` would resume from, after checking it is the same run.
-
-    Args:
-      checkpoint_dir: a `fit` checkpoint directory (need not exist).
-      model_config, config, run_info: the run about to start.
-
-    Returns:
-      The latest saved step, or None when there is no checkpoint to resume.
-
-    Raises:
-      ResumeError: the saved run differs (each differing setting is named), or its record is unreadable.
-    """
-    run_path = os.path.join(checkpoint_dir, RUN_FILE)
-    latest = latest_step(checkpoint_dir)
-    if latest is None:
-        return None
-    if not os.path.exists(run_path):  # written by an older fit: nothing to compare against
-        return latest
-    try:
-        with open(run_path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ResumeError(f"{run_path}: unreadable run record ({e})") from None
-    now = json.loads(json.dumps(run_record(model_config, config, run_info)))  # tuples -> lists, as saved
-    diffs = []
-    for section in ("model", "train", "run"):
-        old, new = saved.get(section, {}), now[section]
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                diffs.append(f"{key} {_short(old.get(key))} (now {_short(new.get(key))})")
-    if diffs:
-        raise ResumeError(
-            f"{checkpoint_dir} holds checkpoints (up to step {latest}) of a different run: {'; '.join(diffs)}; "
-            "use the same settings to resume it, or another output directory"
-        )
-    return latest
-
-
-def _short(value) -> str:
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, (int, float)) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def latest_step(checkpoint_dir: str) -> int | None:
-    """The latest complete orbax checkpoint step in `checkpoint_dir`, without creating anything."""
-    if not os.path.isdir(checkpoint_dir):
-        return None
-    steps = [int(name) for name in os.listdir(checkpoint_dir)
-             if name.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, name))]
-    return max(steps) if steps else None
-
-
-def _checkpoint_manager(directory: str):
-    import orbax.checkpoint as ocp
-
-    # Saves happen exactly when fit decides (force=True); synchronous, so a checkpoint on disk
-    # is complete when fit moves on. Orbax writes each step to a temporary directory and renames
-    # it when complete; leftovers of an interrupted save are removed at the next start.
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-
+# ----------------------------------------------------------------------------- the loop's parts
 class _GracefulStop:
     """First Ctrl-C: finish the current step, checkpoint, then raise KeyboardInterrupt.
 
@@ -304,6 +225,59 @@ class _GracefulStop:
             signal.signal(signal.SIGINT, self._previous)
 
 
+class _Throughput:
+    """Training tokens/s since the clock last restarted (after compilation, evaluations, saves)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self._time: float | None = None  # no window until the first (compiling) step is done
+        self._step = 0
+
+    @property
+    def running(self) -> bool:
+        return self._time is not None
+
+    def restart(self, done: int) -> None:
+        self._time, self._step = time.perf_counter(), done
+
+    def rate(self, done: int) -> float | None:
+        """Call once the device has finished step `done` (e.g. after reading its loss)."""
+        if self._time is None:
+            return None
+        return (done - self._step) * self.tokens_per_step / (time.perf_counter() - self._time)
+
+
+class _ProgressBar:
+    """A tqdm bar over the steps showing the latest loss, validation loss and tokens/s."""
+
+    def __init__(self, steps: int, start: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+        self._postfix: dict[str, str] = {}
+
+    def show(self, record: dict) -> None:
+        if "val_loss" in record:
+            self._postfix["val"] = f"{record['val_loss']:.3f}"
+        self._postfix["loss"] = f"{record['loss']:.3f}"
+        if record["tokens_per_s"] is not None:
+            self._postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
+        self._bar.set_postfix(self._postfix, refresh=False)
+
+    def update(self) -> None:
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _history_record(done: int, loss, grad_norm, lr: float, clock: _Throughput) -> dict:
+    """One history record of step `done` (waits for the device, so the clock timed real work)."""
+    loss_value = float(loss)
+    return {"step": done, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr,
+            "tokens_per_s": clock.rate(done)}
+
+
 # ----------------------------------------------------------------------------- the loop
 def fit(
     model: GPT,
@@ -321,7 +295,7 @@ def fit(
     """Trains a copy of `model`'s parameters; returns (trained model, history).
 
     On CPU, call `jaxgpt.reuse_host_memory()` first thing in the program (as `jaxgpt train`
-    does): steps then run ~12% faster (see `jaxgpt.host_memory`).
+    does), so that XLA's per-step scratch buffer is not page-faulted afresh every step.
 
     Every `log_interval` steps (and at evaluations and the last step) the loop waits for the
     device and records the step's training loss, gradient norm, learning rate and the measured
@@ -368,8 +342,6 @@ def fit(
       DataParallelError: the batch does not divide by the number of devices.
       KeyboardInterrupt: after the checkpoint of an interrupted run is written.
     """
-    from tqdm.auto import tqdm
-
     mc: GPTConfig = model.config
     mesh = data_parallel_mesh(devices, config.batch_size)
     whole, rows = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -385,92 +357,54 @@ def fit(
     train_step = make_train_step(train_def, tx, mesh)
     eval_loss = make_eval_loss(eval_def, mesh)
     schedule = make_schedule(config)
-    if history_path is None and checkpoint_dir is not None:
-        history_path = os.path.join(checkpoint_dir, HISTORY_FILE)
-
-    history: list[dict] = []
-    start = 0
-    manager = None
+    checkpoints, start, history = None, 0, []
     if checkpoint_dir is not None:
-        import orbax.checkpoint as ocp
-
-        latest = check_resumable(checkpoint_dir, mc, config, run_info)
-        if latest is not None and latest > config.steps:
-            raise ResumeError(f"{checkpoint_dir} holds a checkpoint at step {latest}, beyond steps={config.steps}")
-        manager = _checkpoint_manager(checkpoint_dir)
-        if latest is not None:
-            target = {"params": params, "opt_state": opt_state}
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-            restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-            params, opt_state = restored["params"], restored["opt_state"]
-            start = latest
-            if history_path is not None and os.path.exists(history_path):
-                with open(history_path, encoding="utf-8") as f:
-                    history = [h for h in json.load(f) if h["step"] <= start]
-        elif primary:
-            write_json(os.path.join(checkpoint_dir, RUN_FILE), run_record(mc, config, run_info))
-
-    def save(done: int) -> None:
-        # Every process must call save (a collective): orbax picks which process writes each
-        # array's data (a replicated array once) and writes the step's metadata from process 0.
-        manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
-        manager.wait_until_finished()
-        if history_path is not None and primary:
-            write_json(history_path, history)
-        if on_checkpoint is not None:
-            on_checkpoint(done, history)
+        if history_path is None:
+            history_path = os.path.join(checkpoint_dir, HISTORY_FILE)
+        checkpoints, start, params, opt_state, history = open_run(
+            checkpoint_dir, history_path, on_checkpoint, primary, mc, config, run_info, params, opt_state)
 
     # Made replicated (on every process); fold_in on it then runs on every device, no transfer per step.
     key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=whole)()
-    tokens_per_step = config.batch_size * mc.context_length
-    bar = tqdm(total=config.steps, initial=start, disable=not (progress and primary), unit="step",
-               dynamic_ncols=True)
-    postfix: dict[str, str] = {}
-    t_last, last_done = None, start  # no throughput window until the first (compiling) step is done
+    clock = _Throughput(config.batch_size * mc.context_length)
+    bar = _ProgressBar(config.steps, start, enabled=progress and primary)
+
+    def batch(step: int):
+        x, y = get_batch(split.train, mc.context_length, config.batch_size, config.seed, step)
+        return sharding.put_global_batch(x, rows), sharding.put_global_batch(y, rows)
+
+    def record(done: int, loss, grad_norm, params) -> None:
+        """History: step `done`'s record (the validation loss too at evaluation steps)."""
+        entry = _history_record(done, loss, grad_norm, float(schedule(done - 1)), clock)
+        if done % config.eval_interval == 0 or done == config.steps:
+            entry["val_loss"] = estimate_loss(eval_loss, params, split.val, mc.context_length, config.batch_size,
+                                              config.eval_batches, config.seed)
+        history.append(entry)
+        if log is not None:
+            log(entry)
+        bar.show(entry)
+
     try:
-        with _GracefulStop(enabled=manager is not None) as stop:
+        with _GracefulStop(enabled=checkpoints is not None) as stop:
             for step in range(start, config.steps):
-                x, y = get_batch(split.train, mc.context_length, config.batch_size, config.seed, step)
-                x, y = sharding.put_global_batch(x, rows), sharding.put_global_batch(y, rows)
-                params, opt_state, loss, grad_norm = train_step(params, opt_state, x, y, jax.random.fold_in(key, step))
+                params, opt_state, loss, grad_norm = train_step(params, opt_state, *batch(step),
+                                                                jax.random.fold_in(key, step))
                 done = step + 1
-                evaluate = done % config.eval_interval == 0 or done == config.steps
-                if done % config.log_interval == 0 or evaluate:
-                    loss_value = float(loss)  # waits for the device: the window below timed real work
-                    now = time.perf_counter()
-                    record = {
-                        "step": done,
-                        "loss": loss_value,
-                        "grad_norm": float(grad_norm),
-                        "lr": float(schedule(step)),
-                        "tokens_per_s": None if t_last is None else (done - last_done) * tokens_per_step / (now - t_last),
-                    }
-                    if evaluate:
-                        record["val_loss"] = estimate_loss(eval_loss, params, split.val, mc.context_length,
-                                                           config.batch_size, config.eval_batches, config.seed)
-                        postfix["val"] = f"{record['val_loss']:.3f}"
-                    history.append(record)
-                    if log is not None:
-                        log(record)
-                    postfix["loss"] = f"{loss_value:.3f}"
-                    if record["tokens_per_s"] is not None:
-                        postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
-                    bar.set_postfix(postfix, refresh=False)
-                    t_last, last_done = time.perf_counter(), done
-                elif t_last is None:
-                    loss.block_until_ready()  # the first step compiled: start the throughput clock after it
-                    t_last, last_done = time.perf_counter(), done
-                bar.update(1)
-                if manager is not None and (done % config.checkpoint_interval == 0 or done == config.steps
-                                            or stop.requested):
-                    save(done)
-                    t_last, last_done = time.perf_counter(), done
+                if done % config.log_interval == 0 or done % config.eval_interval == 0 or done == config.steps:
+                    record(done, loss, grad_norm, params)
+                    clock.restart(done)
+                elif not clock.running:
+                    loss.block_until_ready()  # the first step compiled: start the clock after it
+                    clock.restart(done)
+                bar.update()
+                if checkpoints is not None and (done % config.checkpoint_interval == 0 or done == config.steps
+                                                or stop.requested):
+                    checkpoints.save(done, params, opt_state, history)
+                    clock.restart(done)
                 if stop.requested:
-                    bar.close()
                     raise KeyboardInterrupt(f"stopped at step {done}; checkpoint saved in {checkpoint_dir}")
     finally:
         bar.close()
-        if manager is not None:
-            manager.close()
-    trained = nnx.merge(eval_def, params)
-    return trained, history
+        if checkpoints is not None:
+            checkpoints.close()
+    return nnx.merge(eval_def, params), history

@@ -33,7 +33,8 @@ import os
 from jaxgpt import GPT, GPTConfig, default_vocab
 from jaxgpt.data import encode_text, read_text, train_val_split
 from jaxgpt.evaluate import evaluate
-from jaxgpt.train import RUN_FILE, TrainConfig, fit
+from jaxgpt.runs import RUN_FILE
+from jaxgpt.train import TrainConfig, fit
 
 TEXT = os.path.join(os.path.dirname(__file__), "..", "data", "shakespeare.txt")
 PHASE1_STOP = 300

@@ -20,10 +20,9 @@ from flax import nnx
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import DataError, get_batch, train_val_split
 from jaxgpt.model import GPT
+from jaxgpt.runs import ResumeError, check_resumable
 from jaxgpt.train import (
-    ResumeError,
     TrainConfig,
-    check_resumable,
     fit,
     make_optimizer,
     make_schedule,
