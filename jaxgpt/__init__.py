@@ -9,6 +9,7 @@ from jaxgpt.generate import Sampler, generate, generate_tokens, stream_text, str
 from jaxgpt.sampling import Greedy, Multinomial, Sampling, TopK, TopP, sampling_uniforms
 from jaxgpt.host_memory import reuse_host_memory
 from jaxgpt.score import score
+from jaxgpt.beam import BeamResult, beam_search, beam_search_text
 
 DEFAULT_WEIGHTS = str(_resources.files("jaxgpt") / "assets" / "default_weights.pt")
 """The bundled default checkpoint: a torch state dict of the published configuration trained on
@@ -17,4 +18,4 @@ public-domain Shakespeare (see the README for the recipe). Read it with `porting
 __all__ = ["GPT", "DEFAULT_WEIGHTS", "GPTConfig", "PUBLISHED", "init_cache", "Vocab", "VocabError", "default_vocab", "DEFAULT_VOCAB_PATH",
            "Sampler", "generate", "generate_tokens", "stream_text", "stream_tokens",
            "Greedy", "Multinomial", "Sampling", "TopK", "TopP", "sampling_uniforms", "reuse_host_memory"]
-__all__ += ["score"]
+__all__ += ["score", "BeamResult", "beam_search", "beam_search_text"]
