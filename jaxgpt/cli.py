@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "jaxgpt.cli_attention",
     "jaxgpt.cli_generate",
     "jaxgpt.cli_porting",
+    "jaxgpt.cli_score",
     "jaxgpt.cli_serve",
     "jaxgpt.cli_train",
 )
