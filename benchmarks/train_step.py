@@ -154,12 +154,12 @@ def agreement(model, batch: int = 8, seed: int = 0) -> dict:
     from flax import nnx
 
     import porting
-    from jaxgpt.evaluate import torch_reference
+    from porting.torch_reference import reference_from_model
     from jaxgpt.train import cross_entropy, split_modes
 
     config = model.config
     tc = _train_config(batch)
-    reference = torch_reference(model)
+    reference = reference_from_model(model)
     # A ReLU input within float32 rounding of zero makes the gradient discontinuous there:
     # rounding, not the implementation, decides whether it flows. Such batches are skipped.
     skipped = []
@@ -220,7 +220,7 @@ def speed_cases(model, batch: int, seed: int = 0) -> dict:
     import torch
 
     from benchmarks import matmul_floor
-    from jaxgpt.evaluate import torch_reference
+    from porting.torch_reference import reference_from_model
     from jaxgpt.train import make_schedule
 
     config = model.config
@@ -229,7 +229,7 @@ def speed_cases(model, batch: int, seed: int = 0) -> dict:
     schedule = make_schedule(tc)
     lrs = [float(schedule(i)) for i in range(64)]
     jax_step = _JaxStep(model, tc, train=True, seed=seed)
-    reference = torch_reference(model).train()
+    reference = reference_from_model(model).train()
     torch_step = _TorchStep(reference, tc, lrs)
     xt, yt = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
 

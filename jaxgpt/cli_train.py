@@ -426,14 +426,16 @@ def eval_command(weights, text_path, vocab_path, drop_unknown, max_chars, batch_
     tokens = _encode(text, text_path, vocab, drop_unknown, quiet or as_json,
                      "pass --drop-unknown to remove them, or the checkpoint's vocabulary with --vocab")
     compile_cache.enable()
-    from jaxgpt.evaluate import evaluate, evaluate_torch, torch_reference
+    from jaxgpt.evaluate import evaluate
     from jaxgpt.sharding import resolve_devices
 
     resolve_devices(devices, name=FLAGS["devices"])  # refused before any compilation
     result = evaluate(model, tokens, batch_size=batch_size, progress=not (quiet or as_json), devices=devices)
     reference = None
     if compare_torch:
-        reference = evaluate_torch(torch_reference(model), tokens, config.context_length, batch_size=batch_size,
+        from porting.torch_reference import evaluate_torch, reference_from_model
+
+        reference = evaluate_torch(reference_from_model(model), tokens, config.context_length, batch_size=batch_size,
                                    progress=not (quiet or as_json))
     difference = abs(result.nats_per_char - reference.nats_per_char) if reference else None
     if as_json:

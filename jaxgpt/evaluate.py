@@ -4,7 +4,7 @@ The text is cut into consecutive windows of `context_length` characters; each wi
 forward pass that predicts every next character from the ones before it in the same window
 (positions 0..T-1, as the model was trained). The last, shorter window covers the rest, so
 every character after the first is predicted exactly once. The same windows can be scored by
-the notebook's torch model (`evaluate_torch`) to show both frameworks agree.
+the notebook's torch model (`porting.torch_reference.evaluate_torch`) to show both frameworks agree.
 
 Devices: as generation, evaluation splits each batch of windows over every local device when
 more than one is visible (parameters replicated, windows split by rows over a "data" mesh,
@@ -81,8 +81,16 @@ def windows(tokens: np.ndarray, context_length: int) -> tuple[np.ndarray, np.nda
     return x, y, mask
 
 
-def _batches(x, y, mask, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Fixed-shape batches `(batch_size, T)`: the last is padded with masked-out rows (one compile)."""
+def window_batches(x, y, mask, batch_size: int, progress: bool = False
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Fixed-shape batches `(batch_size, T)` of `windows`; the last is padded with masked-out rows
+    (one compile). `progress` shows a tqdm bar over them."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        yield from tqdm(window_batches(x, y, mask, batch_size), total=-(-len(x) // batch_size), unit="batch",
+                        dynamic_ncols=True, leave=False)
+        return
     for i in range(0, len(x), batch_size):
         bx, by, bm = x[i : i + batch_size], y[i : i + batch_size], mask[i : i + batch_size]
         pad = batch_size - len(bx)
@@ -146,48 +154,10 @@ def evaluate(model, tokens: np.ndarray, *, batch_size: int = 32, progress: bool 
         batch_size = sharding.padded_size(batch_size, len(chosen))  # padding rows are masked out
     x, y, mask = windows(tokens, config.context_length)
     total = 0.0
-    for bx, by, bm in _progress(_batches(x, y, mask, batch_size), len(x), batch_size, progress):
+    for bx, by, bm in window_batches(x, y, mask, batch_size, progress):
         total += float(nll_sum(params, place(bx), place(by), place(bm)))
     count = int(mask.sum())
     return EvalResult(total / count, count, len(x))
-
-
-def evaluate_torch(torch_model, tokens: np.ndarray, context_length: int, *, batch_size: int = 32,
-                   progress: bool = False) -> EvalResult:
-    """The same evaluation with a torch model (e.g. `porting.torch_reference.DrakeGPT`), on CPU.
-
-    Args:
-      torch_model: a torch module mapping int64 `(B, T)` to logits `(B, T, V)`; put in eval mode.
-      tokens, batch_size, progress: as in `evaluate`.
-      context_length: window length (the model's).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    torch_model.eval()
-    x, y, mask = windows(tokens, context_length)
-    total = 0.0
-    with torch.no_grad():
-        for bx, by, bm in _progress(_batches(x, y, mask, batch_size), len(x), batch_size, progress):
-            logits = torch_model(torch.from_numpy(bx.astype(np.int64))).float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(by.astype(np.int64)).reshape(-1),
-                                  reduction="none")
-            total += float((nll * torch.from_numpy(bm).reshape(-1)).sum())
-    count = int(mask.sum())
-    return EvalResult(total / count, count, len(x))
-
-
-def torch_reference(model):
-    """The notebook's torch model holding `model`'s weights (via porting's state-dict conversion)."""
-    import torch
-
-    import porting
-    from porting.torch_reference import reference_from_config
-
-    reference = reference_from_config(model.config)
-    state = {k: torch.from_numpy(v) for k, v in porting.state_dict_from_model(model).items()}
-    reference.load_state_dict(state, strict=True)
-    return reference.eval()
 
 
 def _check_ids(tokens, vocab_size: int) -> None:
@@ -195,11 +165,3 @@ def _check_ids(tokens, vocab_size: int) -> None:
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise DataError(f"token ids must be in 0..{vocab_size - 1} (the model's vocabulary), "
                         f"found {int(tokens.min())}..{int(tokens.max())}")
-
-
-def _progress(batches, num_windows: int, batch_size: int, enabled: bool):
-    if not enabled:
-        return batches
-    from tqdm.auto import tqdm
-
-    return tqdm(batches, total=-(-num_windows // batch_size), unit="batch", dynamic_ncols=True, leave=False)

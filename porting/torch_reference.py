@@ -366,3 +366,39 @@ def attention_probabilities(model, context):
     per_head = torch.stack([probs[head] for head in heads])  # (num_blocks * H, B, T, T), module order
     num_blocks = len(model.transformer_blocks if hasattr(model, "transformer_blocks") else model.blocks)
     return per_head.reshape(num_blocks, -1, *per_head.shape[1:]).transpose(1, 2)  # (N, B, H, T, T)
+
+
+# ----------------------------------------------------------------------------- jaxgpt models, in torch
+def reference_from_model(model):
+    """The notebook's torch model holding a `jaxgpt.GPT`'s weights, in eval mode (strict load)."""
+    from porting.export import state_dict_from_model
+
+    reference = reference_from_config(model.config)
+    state = {k: torch.from_numpy(v) for k, v in state_dict_from_model(model).items()}
+    reference.load_state_dict(state, strict=True)
+    return reference.eval()
+
+
+def evaluate_torch(torch_model, tokens, context_length, *, batch_size=32, progress=False):
+    """`jaxgpt.evaluate.evaluate` with a torch model: the same windows, an `EvalResult` (CPU).
+
+    Args:
+      torch_model: maps int64 `(B, T)` to logits `(B, T, V)` (e.g. `reference_from_model`);
+        put in eval mode.
+      tokens: int ids `(N,)`, N >= 2.
+      context_length: window length (the model's).
+      batch_size, progress: as in `jaxgpt.evaluate.evaluate`.
+    """
+    from jaxgpt.evaluate import EvalResult, window_batches, windows
+
+    torch_model.eval()
+    x, y, mask = windows(tokens, context_length)
+    total = 0.0
+    with torch.no_grad():
+        for bx, by, bm in window_batches(x, y, mask, batch_size, progress):
+            logits = torch_model(torch.from_numpy(bx).long()).float()  # (B, T, V)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(by).long().reshape(-1),
+                                  reduction="none")
+            total += float((nll * torch.from_numpy(bm).reshape(-1)).sum())
+    count = int(mask.sum())
+    return EvalResult(total / count, count, len(x))

@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import DataError
-from jaxgpt.evaluate import EvalResult, evaluate, evaluate_torch, torch_reference, windows
+from jaxgpt.evaluate import EvalResult, evaluate, windows
 from jaxgpt.model import GPT
 
 C = 8
@@ -102,8 +102,10 @@ def test_result_dict():
 @pytest.mark.parametrize("variant", ["drake", "learning"])
 def test_torch_reference_agrees(variant, tokens):
     pytest.importorskip("torch")
+    from porting.torch_reference import evaluate_torch, reference_from_model
+
     model = GPT(CONFIG.replace(variant=variant), rngs=nnx.Rngs(2))
     jax_result = evaluate(model, tokens, batch_size=2)
-    torch_result = evaluate_torch(torch_reference(model), tokens, C, batch_size=2)
+    torch_result = evaluate_torch(reference_from_model(model), tokens, C, batch_size=2)
     assert torch_result.num_chars == jax_result.num_chars
     assert abs(torch_result.nats_per_char - jax_result.nats_per_char) < 1e-5
