@@ -1,11 +1,9 @@
 """JAX's persistent compilation cache for the command line, in the user's cache directory.
 
 A cold `jaxgpt generate` spends most of its start-up compiling the prefill and the generation
-loop; with the cache a second run loads the compiled programs from disk instead. The library
-never turns the cache on by itself (that is the application's choice); the CLI calls
-`enable()` before anything compiles. Measured on the 2-core CPU (published configuration,
-`jaxgpt generate --num-chars 100`, whole process, 3 runs each): cold 6.2-7.0 s wall, warm
-2.3-2.5 s wall, of which 1.2 s is importing jax/flax/jaxgpt.
+loop; with the cache a second run loads the compiled programs from disk instead (timings:
+README, "Command line"). The library never turns the cache on by itself (that is the
+application's choice); the CLI calls `enable()` before anything compiles.
 
 Location: $JAXGPT_CACHE_DIR if set, else $XDG_CACHE_HOME/jaxgpt/jax, else ~/.cache/jaxgpt/jax.
 Set JAXGPT_NO_COMPILE_CACHE=1 to leave it off. The cache is trusted code: it is created

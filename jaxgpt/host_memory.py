@@ -1,26 +1,17 @@
 """Keep freed host memory for reuse, so XLA:CPU stops page-faulting its scratch buffer.
 
-XLA:CPU gives every call of a compiled program one scratch buffer for its intermediates
-(354 MB for a published-size training step at batch 16) and frees it when the call ends. It
-allocates it with `posix_memalign` from the calling worker thread's glibc malloc arena, and
-glibc serves an allocation that large (over 64 MB) from a non-main arena with a fresh `mmap`
-and unmaps it on free. So every training step touches 354 MB of new pages: 94,000 page faults
-and ~0.15 s of kernel time per step on the 2-core benchmark machine, while torch's per-tensor
-allocations are recycled by its allocator.
+XLA:CPU gives every call of a compiled program one large scratch buffer for its intermediates
+and frees it when the call ends. glibc serves a block that large from a worker thread's arena
+with a fresh `mmap` and unmaps it on free, so every training step would fault the whole buffer
+in again, while torch's allocator recycles its tensors.
 
-`reuse_host_memory()` makes glibc keep such memory instead: one malloc arena (the main one,
-which grows without the 64 MB limit), no `mmap` for large blocks and no trimming of the heap.
-The next call then gets the same, already mapped buffer, most of the time: small allocations
-around the buffer fragment the heap, and glibc grows it now and then (in 40 published-size
-training steps, 1-2 after the first still faulted the buffer in). Measured: a ~12% faster
-training step (benchmarks/train_step.py, 7 interleaved rounds).
-"No trimming" must mean none: a threshold of 2**31 - 1 bytes (the largest positive `int`) was
-not enough. At batch 64 the buffer is 1.34 GB, and a training loop that dispatches the next
-step before the last one finishes has two of them; once both are free the heap's top passes
-2 GB, glibc trims it, and every step faulted ~300,000 pages back in (1.45 instead of 1.0 s per
-step in `jaxgpt train`). glibc takes -1 as "never".
-The cost: the process never hands freed heap memory back to the system, so its resident size
-stays at its peak. `jaxgpt` CLI commands turn it on; scripts call it themselves, first thing.
+`reuse_host_memory()` makes glibc keep such memory: one malloc arena (the main one, which has
+no 64 MB limit), no `mmap` for large blocks, and no trimming of the heap at all (-1, "never":
+any finite threshold is passed once two large-batch buffers are free at the top of the heap).
+The next call then gets the same, already mapped buffer, most of the time. The cost: the
+process never hands freed heap memory back, so its resident size stays at its peak. `jaxgpt`
+commands turn it on; scripts call it themselves, first thing. What it saves, measured: README,
+"Benchmarks" (and benchmarks/results/train_step_cpu.md).
 """
 
 from __future__ import annotations

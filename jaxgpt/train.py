@@ -14,7 +14,7 @@ loss is a mean over a sharded batch; nothing is averaged by hand). Dropout masks
 for the global batch from the same key, so they do not depend on the device count (JAX's
 random values never depend on sharding; with `jax_threefry_partitionable`, the default, each
 device draws only its own rows' bits). The loss trajectory therefore matches a single-device
-run up to float summation order (tests/test_sharding.py: 20 steps within 1e-5).
+run up to float summation order (tests/test_sharding.py).
 """
 
 from __future__ import annotations
