@@ -68,6 +68,27 @@ def load_vocab(vocab_path: str | None, weights_path: str | None):
         raise CLIError(f"--vocab: {e}" if vocab_path else str(e)) from None
 
 
+def load_model(weights_path: str | None, vocab_path: str | None):
+    """(model, weights path, Vocab, vocab description): --weights and --vocab of any command.
+
+    --weights defaults to the bundled checkpoint; a `jaxgpt train` --out directory means the
+    weights in it. The vocabulary is `load_vocab`'s, and must have the model's vocab_size.
+    """
+    from porting import load_weights
+
+    path = weights_path if weights_path is not None else default_weights()
+    for name in ("weights.pt", "weights.safetensors"):  # a `jaxgpt train` output directory
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, name)):
+            path = os.path.join(path, name)
+            break
+    vocab, vocab_source = load_vocab(vocab_path, path)
+    model = load_weights(path)
+    if vocab.size != model.config.vocab_size:
+        raise CLIError(f"{vocab_source} has {vocab.size} characters but {path} has vocab_size "
+                       f"{model.config.vocab_size}: pass the checkpoint's vocabulary with --vocab")
+    return model, path, vocab, vocab_source
+
+
 def main(argv: list[str] | None = None) -> int:
     from jaxgpt.host_memory import reuse_host_memory
 

@@ -35,7 +35,7 @@ import sys
 
 import click
 
-from jaxgpt.cli import CLIError, default_weights, load_vocab
+from jaxgpt.cli import CLIError, load_model, load_vocab
 from jaxgpt.cli_devices import FLAGS, describe_parallel, device_options, devices_option, start_distributed
 
 _CONFIG_OPTIONS = ("context_length", "model_dim", "num_blocks", "num_heads", "variant")
@@ -409,20 +409,11 @@ def eval_command(weights, text_path, vocab_path, drop_unknown, max_chars, batch_
     """Teacher-forced loss of a checkpoint on a text: nats/char, bits/char, perplexity."""
     from jaxgpt import compile_cache
 
-    path = weights if weights is not None else default_weights()
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "weights.pt")):
-        path = os.path.join(path, "weights.pt")  # a `jaxgpt train` output directory
     if compare_torch and importlib.util.find_spec("torch") is None:
         raise CLIError('--compare-torch needs torch, which is not installed: pip install "jaxgpt[torch]"')
     text = _read_text(text_path, max_chars)
-    vocab, vocab_source = load_vocab(vocab_path, path)
-    import porting
-
-    model = porting.load_weights(path)
+    model, path, vocab, vocab_source = load_model(weights, vocab_path)
     config = model.config
-    if vocab.size != config.vocab_size:
-        raise CLIError(f"{vocab_source} has {vocab.size} characters but {path} has vocab_size {config.vocab_size}: "
-                       "pass the checkpoint's vocabulary with --vocab")
     tokens = _encode(text, text_path, vocab, drop_unknown, quiet or as_json,
                      "pass --drop-unknown to remove them, or the checkpoint's vocabulary with --vocab")
     compile_cache.enable()
