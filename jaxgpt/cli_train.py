@@ -306,8 +306,8 @@ def _run(plan: _Plan, quiet: bool) -> None:
     import porting
     from jaxgpt.model import GPT
     from jaxgpt.plots import plot_history
-    from jaxgpt.sharding import is_primary_process
     from jaxgpt.runs import latest_step
+    from jaxgpt.sharding import is_primary_process
     from jaxgpt.train import fit
 
     mc, tc = plan.model_config, plan.train_config
@@ -322,13 +322,7 @@ def _run(plan: _Plan, quiet: bool) -> None:
     else:
         model = GPT(mc, rngs=nnx.Rngs(tc.seed))
     if not quiet:
-        what = f"fine-tuning {plan.init.path}" if plan.init is not None else "training from scratch"
-        where = f"resuming from step {plan.resume_step}" if plan.resume_step else f"writing {plan.out}"
-        print(f"jaxgpt: {what}: {mc.variant}, {mc.num_params():,} parameters (context {mc.context_length}, dim "
-              f"{mc.model_dim}, {mc.num_blocks} blocks, {mc.num_heads} heads, dropout {mc.dropout}); vocabulary "
-              f"{plan.vocab_source}; {len(plan.split.train):,} training / {len(plan.split.val):,} validation "
-              f"characters; {tc.steps} steps of {tc.batch_size} x {mc.context_length}"
-              f"{describe_parallel(plan.devices)}; {where}", file=sys.stderr)
+        print(_announcement(plan), file=sys.stderr)
 
     def redraw(step, history):
         if history and primary:  # the first checkpoint may come before the first record
@@ -353,8 +347,26 @@ def _run(plan: _Plan, quiet: bool) -> None:
             _remove_new_outputs(plan.out, created, before)
         raise
     redraw(tc.steps, history)
-    if not primary:
-        return
+    if primary:
+        _export(plan, trained, history, curve)
+
+
+def _announcement(plan: _Plan) -> str:
+    """The line `train` starts with: what is trained on what, how, and where."""
+    mc, tc = plan.model_config, plan.train_config
+    what = f"fine-tuning {plan.init.path}" if plan.init is not None else "training from scratch"
+    where = f"resuming from step {plan.resume_step}" if plan.resume_step else f"writing {plan.out}"
+    return (f"jaxgpt: {what}: {mc.variant}, {mc.num_params():,} parameters (context {mc.context_length}, dim "
+            f"{mc.model_dim}, {mc.num_blocks} blocks, {mc.num_heads} heads, dropout {mc.dropout}); vocabulary "
+            f"{plan.vocab_source}; {len(plan.split.train):,} training / {len(plan.split.val):,} validation "
+            f"characters; {tc.steps} steps of {tc.batch_size} x {mc.context_length}"
+            f"{describe_parallel(plan.devices)}; {where}")
+
+
+def _export(plan: _Plan, trained, history: list[dict], curve: str) -> None:
+    """Writes the final weights (torch if installed, else safetensors) and reports the last losses."""
+    import porting
+
     if plan.export_torch:
         weights = os.path.join(plan.out, "weights.pt")
         porting.save_weights(trained, weights)
@@ -365,7 +377,7 @@ def _run(plan: _Plan, quiet: bool) -> None:
               '"jaxgpt[torch]" for weights.pt)', file=sys.stderr)
     last = history[-1] if history else {}
     val = last.get("val_loss")
-    print(f"step {tc.steps}: loss {last.get('loss', float('nan')):.4f}"
+    print(f"step {plan.train_config.steps}: loss {last.get('loss', float('nan')):.4f}"
           + (f", validation loss {val:.4f} nats/char ({val / math.log(2):.4f} bits/char)" if val is not None else ""))
     print(f"wrote {weights}, {curve}, {os.path.join(plan.out, 'history.json')}")
 

@@ -38,6 +38,7 @@ from jaxgpt.data import Split, get_batch
 from jaxgpt.model import GPT
 from jaxgpt.runs import HISTORY_FILE, open_run
 
+
 class DataParallelError(ValueError):
     """The requested devices cannot split the batch (or leave out processes of a multi-host run)."""
 
