@@ -1,4 +1,4 @@
-"""Device and multi-host options shared by commands (`jaxgpt train`): not a command module.
+"""Device and multi-host options shared by commands (`jaxgpt train`, `jaxgpt eval`): not a command module.
 
     @click.command("train")
     @device_options              # --devices, --distributed, --coordinator-address, ...
