@@ -24,7 +24,7 @@ from importlib import resources
 import click
 import numpy as np
 
-from jaxgpt.cli import CLIError, default_weights, load_vocab
+from jaxgpt.cli import CLIError, load_model
 
 MAX_TICK_LABELS = 64  # per axis; longer texts label every k-th character
 HTML_DECIMALS = 5  # weights embedded in the HTML, rounded for size (display only)
@@ -152,17 +152,10 @@ def attention_command(text, weights, vocab, out) -> None:
     if not text:
         raise CLIError("--text is empty")
 
-    from porting import load_weights
-
     from jaxgpt.atomic import atomic_file, write_text
 
-    path = weights if weights is not None else default_weights()
-    characters, vocab_source = load_vocab(vocab, path)
-    model = load_weights(path)
+    model, path, characters, _ = load_model(weights, vocab)
     config = model.config
-    if characters.size != config.vocab_size:
-        raise CLIError(f"{vocab_source} has {characters.size} characters but {path} has "
-                       f"vocab_size {config.vocab_size}: pass the checkpoint's vocabulary with --vocab")
     unknown = characters.unknown_chars(text)
     if unknown:
         raise CLIError(f"--text: characters not in the vocabulary: {', '.join(repr(c) for c in unknown[:10])}")
