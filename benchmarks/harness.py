@@ -9,8 +9,9 @@ first (excluded from the statistics: they pay for compilation and cache warming)
 noise (other processes, frequency changes) falls on all sides alike.
 
 Timing must include the device work: jax dispatch is asynchronous, so a jax case calls
-`block(x)` (`jax.block_until_ready`) on its outputs before the clock stops; torch CPU ops
-are synchronous (CUDA ones are synchronised with `torch_sync`).
+`jax.block_until_ready` on its outputs (or copies them to the host) before the clock stops;
+a torch case copies its result to the host (`.cpu()`, `.item()`), which waits for queued
+CUDA kernels.
 """
 
 from __future__ import annotations
@@ -25,30 +26,6 @@ from typing import Callable, Mapping
 Case = Callable[[bool], Mapping[str, float]]
 """`case(warm)` runs once; `warm=True` is a discarded warm-up call and may do less work
 (an eager torch loop needs no full-length warm-up; a compiled function must see its shapes)."""
-
-
-def block(tree):
-    """Waits until every jax array in `tree` is computed; returns `tree`."""
-    import jax
-
-    return jax.block_until_ready(tree)
-
-
-def torch_sync(device: str = "cpu") -> None:
-    """Waits for queued torch kernels (CUDA only: CPU torch ops run synchronously)."""
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], sync: Callable[[object], object] | None = None) -> dict[str, float]:
-    """Runs `fn()` once; returns {"seconds": wall time including `sync(result)`}."""
-    start = time.perf_counter()
-    out = fn()
-    if sync is not None:
-        sync(out)
-    return {"seconds": time.perf_counter() - start}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,20 +154,6 @@ def stats_of(runs: list[dict[str, float]], key: str = "seconds") -> Stats:
     return summarize([run[key] for run in runs])
 
 
-class Marks:
-    """Wall-clock marks inside one run: `marks.hit(i)` after step i; `marks.at(i)` seconds since start."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self._times: dict[int, float] = {}
-
-    def hit(self, step: int) -> None:
-        self._times[step] = time.perf_counter() - self.start
-
-    def at(self, step: int) -> float:
-        return self._times[step]
-
-
 def make_result(name: str, framework: str, impl: str, batch: int, steps: int, measured: Measured,
                 key: str = "seconds", **extra) -> dict:
     """One JSON result row: median seconds of `key`, its spread, characters and characters/s.
@@ -243,3 +206,27 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     details = [f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else None, simd]
     detail = ", ".join(d for d in details if d)
     return f"cpu: {fields['model name']}{f' ({detail})' if detail else ''}, {os.cpu_count()} cores"
+
+
+def device_description() -> str:
+    """What the suite ran on: `cpu_description()` on a CPU, else "<platform>: <n> x <device kind>"."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return cpu_description()
+    return f"{device.platform}: {jax.device_count()} x {device.device_kind}"
+
+
+def versions(*extra: str) -> dict[str, str]:
+    """Versions of Python, jax, jaxlib, flax, the `extra` packages (e.g. "torch") and numpy."""
+    import importlib
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", *extra, "numpy"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except ImportError:
+            out[name] = "not installed"
+    return out

@@ -77,7 +77,7 @@ def run(models, suite, limits=None, progress=None) -> dict:
     uniforms = sampling_uniforms(7, rows, n)
     jx = generate_tokens(models.jax, context, n, seed=7)
     with torch_threads(threads):
-        th = inverse_cdf_generate(models.reference, torch.from_numpy(context).to(dev), torch.tensor(uniforms), c)
+        th = inverse_cdf_generate(models.reference, torch.from_numpy(context).to(dev), torch.tensor(uniforms, device=dev), c)
     out["sampled"] = {**_agreement(jx, th.cpu().numpy()), "rows": rows, "seed": 7, "temperature": 1.0}
 
     say("parity: strided (tuned torch twin)")
@@ -89,6 +89,6 @@ def run(models, suite, limits=None, progress=None) -> dict:
     jx = generate_tokens(models.jax, seed_context, n, seed=11, mode="strided", stride=stride)
     with torch_threads(threads):
         th = TunedGenerator(models.tuned).generate(torch.from_numpy(seed_context).to(dev), n, keep=c + 1 - stride,
-                                                   uniforms=torch.tensor(uniforms))
+                                                   uniforms=torch.tensor(uniforms, device=dev))
     out["strided_vs_tuned_twin"] = {**_agreement(jx, th.cpu().numpy()), "stride": stride, "seed": 11}
     return out

@@ -88,13 +88,6 @@ def flops_generation(config, batch: int, prompt_len: int, num_new: int, keep: in
     return batch * total
 
 
-def flops_notebook_step(config, length: int) -> int:
-    """What the notebook's loop computes at context length T: all T logit rows, full T x T scores."""
-    t = min(length, config.context_length)
-    d = config.model_dim
-    return config.num_blocks * (t * _proj_flops(config) + 4 * t * t * d) + 2 * t * d * config.vocab_size
-
-
 def weight_bytes(config, itemsize: int = 4) -> int:
     """Bytes of the parameters every step reads (all but the embedding tables, of which one row is read)."""
     d = config.model_dim

@@ -42,29 +42,6 @@ _MARKER = "BENCHMARK-RESULT "
 
 
 # ----------------------------------------------------------------------------- child process
-def _device_description() -> str:
-    import jax
-
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        return f"{device.platform}: {jax.device_count()} x {device.device_kind}"
-    from benchmarks.harness import cpu_description
-
-    return cpu_description()
-
-
-def _versions() -> dict:
-    import platform
-
-    import flax
-    import jax
-    import jaxlib
-    import numpy
-
-    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "flax": flax.__version__, "numpy": numpy.__version__}
-
-
 def _load(weights: str | None):
     """The model to benchmark: the checkpoint, or (weights None) a seeded toy model for the tests."""
     from flax import nnx
@@ -128,7 +105,8 @@ def child(spec: dict) -> dict:
             row["first_run_s"] = first_calls[(batch, devices)]
         results.append(row)
     return {"results": results, "failed": [{"batch": b, "devices": d, "error": e} for b, d, e in failed],
-            "device": _device_description(), "device_count": jax.device_count(), "versions": _versions(),
+            "device": harness.device_description(), "device_count": jax.device_count(),
+            "versions": harness.versions(),
             "model": {"variant": model.config.variant, "params": model.num_params(),
                       "config": {k: getattr(model.config, k) for k in ("vocab_size", "context_length", "model_dim",
                                                                        "num_blocks", "num_heads")}}}

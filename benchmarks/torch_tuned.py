@@ -19,46 +19,16 @@ positions 0..C-1, because the learned absolute positions shift):
   the suite, not assumed).
 
 Weights are loaded from the same notebook state dict as the reference model
-(`porting.torch_reference`), both variants. `TunedGPT.forward` matches the reference's logits
+(`porting.torch_reference`), both variants, through porting's key table. `TunedGPT.forward` matches the reference's logits
 to float32 rounding (the suite checks 1e-5).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-# State-dict key names of the two notebook variants (see SPEC.md).
-_KEYS = {
-    "drake": dict(
-        tok="token_embedding.weight",
-        pos="pos_embedding.weight",
-        block="transformer_blocks.{i}.",
-        head="mhsa.attention_heads.{j}.{w}_layer.weight",
-        qkv_names=("query", "key", "value"),
-        out="mhsa.compute.",
-        up="vanilla_nn.first_linear_layer.",
-        down="vanilla_nn.second_linear_layer.",
-        ln1="layer_norm_one.",
-        ln2="layer_norm_two.",
-        final="layer_norm_three.",
-    ),
-    "learning": dict(
-        tok="token_embeddings.weight",
-        pos="pos_embeddings.weight",
-        block="blocks.{i}.",
-        head="attention.att_heads.{j}.{w}_gen.weight",
-        qkv_names=("query", "key", "value"),
-        out=None,
-        up="linear_network.up_projection.",
-        down="linear_network.down_projection.",
-        ln1="first_norm.",
-        ln2="second_norm.",
-        final="final_ln.",
-    ),
-}
-
 
 class TunedBlock(nn.Module):
     def __init__(self, config):
@@ -115,40 +85,45 @@ class TunedGPT(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict, config) -> "TunedGPT":
-        """Loads a notebook state dict (variant `config.variant`) into fused parameters."""
-        keys = _KEYS[config.variant]
-        model = cls(config)
-        sd = {k: v.detach().float() for k, v in state_dict.items()}
-        used = set()
+        """Loads a notebook state dict (variant `config.variant`) into fused parameters.
 
-        def take(key):
-            used.add(key)
-            return sd[key]
+        The key names and layouts are porting's (`porting.keymap.TABLE`): the state dict is
+        checked against them and converted to jaxgpt's parameter layout, whose fused qkv
+        kernel `(D, 3, H, K)` is the transpose of this model's `(3D, D)` projection.
+
+        Raises:
+          porting.CheckpointError: a missing or unexpected key or a wrong shape, named.
+        """
+        from porting import keymap
+
+        state = {k: v.detach().float().cpu().numpy() for k, v in state_dict.items()}
+        keymap.check_layout(state, config, keymap.TORCH)
+        p = keymap.params_from_state_dict(state, config)
+        d = config.model_dim
+        model = cls(config)
+
+        def put(module, weight, bias=None, kernel=True):
+            # A Flax kernel is (in, out); a torch weight [out, in].
+            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(p[weight].T if kernel else p[weight])))
+            if bias is not None:
+                module.bias.copy_(torch.from_numpy(p[bias]))
 
         with torch.no_grad():
-            model.token_embedding.weight.copy_(take(keys["tok"]))
-            model.pos_embedding.weight.copy_(take(keys["pos"]))
+            put(model.token_embedding, "token_embedding.embedding", kernel=False)
+            put(model.pos_embedding, "pos_embedding.embedding", kernel=False)
             for i, block in enumerate(model.blocks):
-                p = keys["block"].format(i=i)
-                rows = [
-                    take(p + keys["head"].format(j=j, w=w))
-                    for w in keys["qkv_names"]
-                    for j in range(config.num_heads)
-                ]
-                block.qkv.weight.copy_(torch.cat(rows, dim=0))
+                b = f"blocks.{i}."
+                p[b + "qkv"] = p[b + "attention.qkv"].reshape(d, 3 * d)  # columns: q heads, k heads, v heads
+                put(block.qkv, b + "qkv")
                 if block.out is not None:
-                    block.out.weight.copy_(take(p + keys["out"] + "weight"))
-                    block.out.bias.copy_(take(p + keys["out"] + "bias"))
-                for mod, name in ((block.norm1, "ln1"), (block.norm2, "ln2"), (block.up, "up"), (block.down, "down")):
-                    mod.weight.copy_(take(p + keys[name] + "weight"))
-                    mod.bias.copy_(take(p + keys[name] + "bias"))
-            model.final_norm.weight.copy_(take(keys["final"] + "weight"))
-            model.final_norm.bias.copy_(take(keys["final"] + "bias"))
-            model.vocab_projection.weight.copy_(take("vocab_projection.weight"))
-            model.vocab_projection.bias.copy_(take("vocab_projection.bias"))
-        unused = sorted(set(sd) - used)
-        if unused:
-            raise KeyError(f"state dict keys not used by TunedGPT ({config.variant}): {unused[:5]}")
+                    p[b + "out"] = p[b + "attention.out_kernel"].reshape(d, d)
+                    put(block.out, b + "out", b + "attention.out_bias")
+                put(block.norm1, b + "norm1.scale", b + "norm1.bias", kernel=False)
+                put(block.norm2, b + "norm2.scale", b + "norm2.bias", kernel=False)
+                put(block.up, b + "mlp.up.kernel", b + "mlp.up.bias")
+                put(block.down, b + "mlp.down.kernel", b + "mlp.down.bias")
+            put(model.final_norm, "final_norm.scale", "final_norm.bias", kernel=False)
+            put(model.vocab_projection, "vocab_projection.kernel", "vocab_projection.bias")
         return model
 
     def _head(self, x):

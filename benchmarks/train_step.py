@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from benchmarks.harness import cpu_description, interleave, paired_ratio, stats_of, timed
+from benchmarks.harness import cpu_description, interleave, paired_ratio, stats_of, timed, versions
 
 GRAD_TOLERANCE = 1e-5  # max |gradient difference| from identical weights, dropout off
 MAX_BATCH_TRIES = 8  # check batches tried before giving up on one without ReLU ties
@@ -213,9 +213,10 @@ def agreement(model, batch: int = 8, seed: int = 0) -> dict:
     }
 
 
-def speed_cases(model, batch: int, seed: int = 0) -> dict:
+def speed_cases(model, batch: int, seed: int = 0, torch_device: str = "cpu") -> dict:
     """{"torch": case, "jaxgpt": case, "jax matmuls only": case}: one training step each (dropout
-    on), same batch and weights; and the step's matrix products alone (`benchmarks.matmul_floor`)."""
+    on), same batch and weights, torch on `torch_device`; and the step's matrix products alone
+    (`benchmarks.matmul_floor`)."""
     import jax
     import torch
 
@@ -229,9 +230,9 @@ def speed_cases(model, batch: int, seed: int = 0) -> dict:
     schedule = make_schedule(tc)
     lrs = [float(schedule(i)) for i in range(64)]
     jax_step = _JaxStep(model, tc, train=True, seed=seed)
-    reference = reference_from_model(model).train()
+    reference = reference_from_model(model).train().to(torch_device)
     torch_step = _TorchStep(reference, tc, lrs)
-    xt, yt = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+    xt, yt = (torch.from_numpy(a.astype(np.int64)).to(torch_device) for a in (x, y))
 
     def torch_case(warm):
         return timed(lambda: torch_step(xt, yt))
@@ -247,7 +248,8 @@ def speed_cases(model, batch: int, seed: int = 0) -> dict:
     return {"torch": torch_case, "jaxgpt": jax_case, "jax matmuls only": floor_case}
 
 
-def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = WARMUP, check_batch: int = 8, progress=None) -> dict:
+def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = WARMUP, check_batch: int = 8, progress=None,
+            torch_device: str = "cpu") -> dict:
     """Times both training steps (interleaved) and checks their agreement.
 
     Args:
@@ -256,6 +258,7 @@ def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = WARMUP, ch
       reps, warmup: measured and discarded rounds (see `WARMUP`).
       check_batch: rows of the agreement batch.
       progress: optional callback given a short description before each run.
+      torch_device: where the torch step runs (the agreement check runs on the CPU).
 
     Returns:
       A JSON-ready dict: config, batch, per-framework statistics, ratio (torch / jax median
@@ -274,7 +277,7 @@ def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = WARMUP, ch
     load_start = os.getloadavg()[0]
     began = time.perf_counter()
     check = agreement(model, check_batch)
-    measured = interleave(speed_cases(model, batch), reps, warmup, progress)
+    measured = interleave(speed_cases(model, batch, torch_device=torch_device), reps, warmup, progress)
     tokens = batch * config.context_length
     frameworks = {}
     for name, m in measured.items():
@@ -305,9 +308,9 @@ def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = WARMUP, ch
         "matmul_floor": floor,
         "agreement": check,
         "machine": {"cpu": cpu_description(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "jax_backend": jax.default_backend(), "load_average_start": load_start,
+                    "torch_device": torch_device, "jax_backend": jax.default_backend(), "load_average_start": load_start,
                     "load_average_end": os.getloadavg()[0]},
-        "versions": {"jax": jax.__version__, "torch": torch.__version__},
+        "versions": versions("optax", "torch"),
         "elapsed_s": time.perf_counter() - began,
     }
 
@@ -322,7 +325,8 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
     from benchmarks import roofline
 
     batch = 16 if suite.train_quick else 64
-    result = measure(models.jax, batch=batch, reps=suite.reps, warmup=max(suite.warmup, WARMUP), progress=progress)
+    result = measure(models.jax, batch=batch, reps=suite.reps, warmup=max(suite.warmup, WARMUP), progress=progress,
+                     torch_device=models.torch_device)
     cfg, length = models.config, models.config.context_length
     flops = roofline.flops_train_step(cfg, batch, length)
     rows = []

@@ -110,11 +110,12 @@ def test_tuned_torch_matches_the_reference(variant):
 
 def test_tuned_torch_rejects_foreign_keys():
     from benchmarks.torch_tuned import TunedGPT
+    from porting import CheckpointError
     from porting.torch_reference import reference_from_config
 
     sd = reference_from_config(SMALL).state_dict()
     sd["extra.weight"] = torch.zeros(1)
-    with pytest.raises(KeyError, match="extra.weight"):
+    with pytest.raises(CheckpointError, match="unexpected key: extra.weight"):
         TunedGPT.from_state_dict(sd, SMALL)
 
 
@@ -215,3 +216,36 @@ def test_train_step_benchmark_reports_agreement_and_the_matmul_floor():
         assert all(n >= 0 for n in framework["page_faults"])
     faults = result["frameworks"]["torch"]["page_faults"]
     assert f"| {', '.join(f'{n:,}' for n in faults)} |" in report
+
+
+# ----------------------------------------------------------------------------- the GPU check
+def test_gpu_check_dry_run_runs_every_step(tmp_path):
+    """Every step of benchmarks/gpu_check.py, on the CPU with tiny sizes: the real run on a GPU
+    machine (no package index there, no second try) must not fail on a typo or a changed API."""
+    import subprocess
+    import sys
+
+    from benchmarks import gpu_check
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", str(tmp_path)], cwd=root,
+                          env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["name"] for s in check["steps"]] == ["env", "precision", "suite", "sharding", "parity"]
+    assert all(s["status"] == "ok" for s in check["steps"]), [(s["name"], s["status"]) for s in check["steps"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(gpu_check.OUTPUTS)  # at most 8 files come back
+    report.check_document(json.loads((tmp_path / "gpu.json").read_text()))
+    assert json.loads((tmp_path / "sharding_gpu.json").read_text())["results"]
+    parity = (tmp_path / "parity_gpu.txt").read_text()
+    assert "highest: max |logit diff|" in parity and " passed" in parity and "failed" not in parity
+
+
+def test_gpu_check_skips_what_the_budget_cannot_fit(tmp_path):
+    from benchmarks import gpu_check
+
+    assert gpu_check.main([str(tmp_path), "--dry-run", "--budget", "1"]) == 1
+    steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert steps[0]["status"].startswith("skipped (needs ~5 s, 1 s of the budget left)")
+    assert [s["status"] for s in steps[1:]] == ["skipped (the env step did not pass)"] * 4
+    assert not (tmp_path / "gpu.json").exists()
