@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-from porting.atomic import atomic_file
+from jaxgpt.atomic import atomic_file
 
 REQUIRED_RESULT_KEYS = ("name", "framework", "batch", "chars", "seconds", "chars_per_s")
 TOP_LEVEL_KEYS = ("device", "versions", "results", "ratios", "parity")

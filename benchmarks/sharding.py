@@ -238,14 +238,6 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: str, text: str) -> None:
-    from porting.atomic import atomic_file
-
-    with atomic_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
 def _batches(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
@@ -290,12 +282,14 @@ def main(argv=None) -> int:
     for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
         if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"{flag} {path}: the directory does not exist")
+    from jaxgpt.atomic import write_text
+
     doc = run(args)
     text = markdown(doc)
     if args.json:
-        _write(args.json, json.dumps(doc, indent=2) + "\n")
+        write_text(args.json, json.dumps(doc, indent=2) + "\n")
     if args.markdown:
-        _write(args.markdown, text)
+        write_text(args.markdown, text)
     print(text)
     return 0
 

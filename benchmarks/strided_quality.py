@@ -1,11 +1,11 @@
 """What strided generation costs in quality and gains in speed, per stride.
 
-`python -m benchmarks.strided_quality [--weights PT] [--targets N] [--strides 2,4,...] [--chars N]`
+`python -m benchmarks.strided_quality [--weights PT] [--text TXT] [--targets N] [--strides 2,4,...] [--chars N]`
 writes benchmarks/results/strided_quality.{json,md}.
 
 Quality: teacher-forced next-character loss (nats) on held-out text (the last 10% of
-shakespeare.txt), each character predicted from the context the generation mode would give
-it once the window is full:
+data/shakespeare.txt, or of --text), each character predicted from the context the generation
+mode would give it once the window is full:
   exact        the previous C characters at positions 0..C-1 (the notebook's loop);
   stride s     a window of C characters re-encoded every s characters: the characters at
                window positions C-s..C-1 are predicted from the previous C+1-s .. C characters
@@ -23,6 +23,7 @@ time (on a shared machine the CPU time is the steadier figure).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -36,9 +37,11 @@ import optax
 from flax import nnx
 
 from benchmarks.harness import cpu_description
+from jaxgpt.atomic import write_text
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
-DATA = "/work/shared/data/shakespeare.txt"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+DATA = os.path.join(ROOT, "data", "shakespeare.txt")  # the default checkpoint's training text (data/README.md)
 DEFAULT_STRIDES = (2, 4, 8, 16, 32, 64, 96, 112, 128)
 
 
@@ -89,11 +92,16 @@ def time_generation(model, num_chars: int, reps: int, **options) -> dict:
             "chars_per_s": num_chars / statistics.median(walls)}
 
 
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _shown(path: str) -> str:
+    """A path as results record it: relative to the repository inside it, else the file's name
+    (never a machine's absolute path)."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else os.path.basename(path)
 
 
 def markdown(doc: dict) -> str:
@@ -101,7 +109,7 @@ def markdown(doc: dict) -> str:
         "# Strided generation: quality and speed per stride",
         "",
         f"Checkpoint: `{doc['checkpoint']}` ({doc['checkpoint_note']}). Held-out text: the last "
-        f"{doc['held_out']['fraction']:.0%} of shakespeare.txt; {doc['held_out']['targets']:,} consecutive "
+        f"{doc['held_out']['fraction']:.0%} of `{doc['held_out']['path']}`; {doc['held_out']['targets']:,} consecutive "
         f"characters predicted in every mode. Context length C = {doc['context_length']}.",
         "",
         f"Speed: {doc['speed_chars']} characters, batch 1, warm, median of {doc['reps']} runs; "
@@ -132,6 +140,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.strided_quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=None, help="checkpoint (default: the bundled default checkpoint)")
+    p.add_argument("--text", default=DATA, help="the text whose last 10%% is held out (default: data/shakespeare.txt)")
     p.add_argument("--targets", type=int, default=4096, help="held-out characters predicted per mode")
     p.add_argument("--strides", default=",".join(map(str, DEFAULT_STRIDES)))
     p.add_argument("--chars", type=int, default=2000, help="characters generated for the speed figures")
@@ -145,7 +154,9 @@ def main(argv=None) -> int:
     model = load_weights(weights)
     c = model.config.context_length
     strides = [int(s) for s in args.strides.split(",")]
-    text = read_text(DATA)
+    if not os.path.isfile(args.text):
+        p.error(f"--text {args.text}: no such file")
+    text = read_text(args.text)
     held_out = encode_text(text[int(len(text) * 0.9):], default_vocab(), drop_unknown=True)
     first = c  # the first target with a full window behind it, for every stride
     load = os.getloadavg()[0]
@@ -168,10 +179,11 @@ def main(argv=None) -> int:
 
     trained = os.path.abspath(weights) == os.path.abspath(DEFAULT_WEIGHTS)
     doc = {
-        "checkpoint": os.path.relpath(weights) if trained else weights,
+        "checkpoint": _shown(weights),
         "checkpoint_note": "the trained default checkpoint" if trained else "a checkpoint given with --weights",
         "context_length": c,
-        "held_out": {"path": DATA, "fraction": 0.1, "chars": int(len(held_out)), "targets": args.targets},
+        "held_out": {"path": _shown(args.text), "sha256": _sha256(args.text),
+                     "fraction": 0.1, "chars": int(len(held_out)), "targets": args.targets},
         "speed_chars": args.chars, "reps": args.reps,
         "machine": f"{cpu_description()}, jax {jax.__version__}",
         "load_average": load,
@@ -179,8 +191,8 @@ def main(argv=None) -> int:
         "strided": rows,
     }
     os.makedirs(args.out, exist_ok=True)
-    _write(os.path.join(args.out, "strided_quality.json"), json.dumps(doc, indent=1) + "\n")
-    _write(os.path.join(args.out, "strided_quality.md"), markdown(doc))
+    write_text(os.path.join(args.out, "strided_quality.json"), json.dumps(doc, indent=1) + "\n")
+    write_text(os.path.join(args.out, "strided_quality.md"), markdown(doc))
     return 0
 
 

@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from benchmarks.harness import cpu_description, interleave, paired_ratio, stats_of, timed, versions
+from jaxgpt.atomic import write_text
 
 GRAD_TOLERANCE = 1e-5  # max |gradient difference| from identical weights, dropout off
 MAX_BATCH_TRIES = 8  # check batches tried before giving up on one without ReLU ties
@@ -401,14 +402,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _write(path: str, text: str) -> None:
-    from porting.atomic import atomic_file
-
-    with atomic_file(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-
 def main(argv=None) -> int:
     import json
 
@@ -438,9 +431,9 @@ def main(argv=None) -> int:
     report = markdown(result)
     print(report)
     if args.json:
-        _write(args.json, json.dumps(result, indent=2) + "\n")
+        write_text(args.json, json.dumps(result, indent=2) + "\n")
     if args.markdown:
-        _write(args.markdown, report)
+        write_text(args.markdown, report)
     return 0 if result["agreement"]["ok"] else 1
 
 

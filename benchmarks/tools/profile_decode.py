@@ -1,6 +1,6 @@
 """Profiling aid: what jaxgpt's compiled decode loop copies, and what that costs.
 
-    python -m benchmarks.profile_decode [--batch 1] [--steps 127] [--rounds 15]
+    python -m benchmarks.tools.profile_decode [--batch 1] [--steps 127] [--rounds 15]
 
 Compiles `jaxgpt.engine.advance` (the generation loop) for the published configuration twice,
 as shipped (`engine.COMPILER_OPTIONS["cpu"]`: XLA:CPU copy insertion with region analysis) and
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     from jaxgpt.generate import Sampler
     from jaxgpt.sampling import make_params
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_decode")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tools.profile_decode")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=127)
     parser.add_argument("--rounds", type=int, default=15)
