@@ -3,17 +3,18 @@
 Runs, in one process, interleaved so that machine noise hits all sides alike:
   limits      measured matmul peak and memory bandwidth (numpy, jax, torch);
   generation  batch 1 (growing context, exact, strided) and larger batches: the notebook's
-              loop, the tuned torch baseline (eager and torch.compile'd), jaxgpt exact/strided;
-  forward     logits at (1, 128) and (64, 128);
+              loop (torch, and ONNX Runtime with the [onnx] extra), the tuned torch baseline
+              (eager and torch.compile'd), jaxgpt exact/strided;
+  forward     logits at (1, 128), (8, 128) and (64, 128);
   train       one training step, both frameworks (benchmarks.train_step);
   porting     weights.pt -> ready model;
   compile     jaxgpt's first generate call in fresh processes, cold vs warm persistent cache;
   parity      logits, greedy tokens, sampled tokens with shared uniforms.
 
 JSON shape: {"device": str, "versions": {...}, "results": [{"name", "framework" ("jax" |
-"torch"), "impl", "batch", "steps", "chars", "seconds" (median), "chars_per_s", "spread",
-...}], "ratios": {key: {"what", "ratio" (torch time / jaxgpt time), "paired"}}, "parity":
-{...}, "limits", "flops_per_char", "notes", ...}.
+"torch" | "onnxruntime"), "impl", "batch", "steps", "chars", "seconds" (median), "chars_per_s",
+"spread", ...}], "ratios": {key: {"what", "ratio" (torch or onnxruntime time / jaxgpt time),
+"paired"}}, "parity": {...}, "limits", "flops_per_char", "notes", ...}.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="jaxgpt-bench-") as workdir:
         weights = args.weights or (None if args.tiny else default_weights())
         progress(f"building models ({weights or 'random weights'})")
-        models = build_models(suite.model, workdir, weights, torch_device)
+        models = build_models(suite.model, workdir, weights, torch_device, onnx=suite.onnx and torch_device == "cpu")
         measure = lambda: roofline.measure_limits(suite.limits_matmul, suite.limits_mbytes, torch_device=torch_device)
         if "limits" in suite.groups:
             progress("device limits")
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
     cfg = models.config
     doc = {
         "device": harness.device_description(),
-        "versions": harness.versions("optax", "torch"),
+        "versions": harness.versions("optax", "torch", "onnxruntime"),
         "mode": "tiny" if args.tiny else "quick" if args.quick else "full",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "model": {"description": f"{cfg.variant}, {cfg.num_params():,} parameters (V {cfg.vocab_size}, "
@@ -254,6 +255,17 @@ def main(argv=None) -> int:
     }
     doc["notes"] = _notes(suite, torch.get_num_threads(), load_start, os.getloadavg()[0], rows, host_memory_reuse,
                           ratios)
+    if models.ort is not None:
+        import onnxruntime
+
+        doc["notes"].append(
+            f"ONNX Runtime {onnxruntime.__version__}: the notebook model exported with torch.onnx.export (opset "
+            "17, batch and length dynamic), CPU execution provider, every graph optimisation (ORT_ENABLE_ALL), one "
+            f"session per intra-op thread count ({', '.join(map(str, models.ort.threads))}; each generation group "
+            "keeps the counts its probe finds within 2x of the best, the forward runs at every count; the fastest "
+            f"median counts); its logits differ from the notebook model's by {models.ort_max_diff:.2e} at most.")
+    elif suite.onnx and torch_device == "cpu":
+        doc["notes"].append("ONNX Runtime left out: onnx/onnxruntime are not installed (pip install -e \".[onnx]\").")
     if torch_device == "cuda":
         doc["notes"].append("GPU: float32 matrix products in full float32 on both sides (jax_default_matmul_precision "
                             "'highest', torch TF32 off), as on the CPU.")

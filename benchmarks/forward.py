@@ -1,4 +1,4 @@
-"""Forward logits `(B, T, V)` of one batch: the notebook model, the tuned torch model, jaxgpt.
+"""Forward logits `(B, T, V)` of one batch: notebook model, tuned torch, ONNX Runtime, jaxgpt.
 
 jaxgpt's forward is `jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))` with the
 parameters traced (as the engine and the training step do); the clock stops after
@@ -6,6 +6,8 @@ parameters traced (as the engine and the training step do); the clock stops afte
 `no_grad`, as the notebook's code) at the thread count a probe finds fastest
 (`benchmarks.threads`); the tuned one at torch's default and at each candidate thread count,
 and `torch.compile`d when asked; the fastest tuned variant (by median) is the ratio's baseline.
+With the `[onnx]` extra the exported notebook model runs on ONNX Runtime at each session
+thread count too (`benchmarks.onnx_runtime`), its fastest variant the baseline of a third ratio.
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ def _torch_case(fn, tokens, ctx_factory, threads=None):
             begin = time.perf_counter()
             fn(tokens).cpu()  # device sync
             return {"seconds": time.perf_counter() - begin}
+
+    return case
+
+
+def _ort_case(ort_model, tokens_np, threads):
+    tokens = tokens_np.astype(np.int64)
+
+    def case(warm: bool):
+        begin = time.perf_counter()
+        ort_model.logits(tokens, threads)  # returns numpy: synchronous
+        return {"seconds": time.perf_counter() - begin}
 
     return case
 
@@ -76,18 +89,24 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         if compiled_forward is not None:
             cases[f"torch tuned compiled, {plural(torch.get_num_threads())}"] = _torch_case(
                 compiled_forward, tokens, torch.inference_mode)
+        if models.ort is not None:  # every session thread count, the fastest median counting
+            for n in models.ort.threads:
+                cases[f"onnxruntime, {plural(n)}"] = _ort_case(models.ort, tokens_np, n)
         probes = {nb_name: nb_probe}
         measured = interleave(cases, suite.reps, suite.warmup, progress)
         flops = roofline.flops_forward(cfg, batch, length)
         for impl, m in measured.items():
-            row = make_result(f"forward b{batch} t{length}", "jax" if impl == "jaxgpt" else "torch", impl,
-                              batch, length, m)
+            framework = "jax" if impl == "jaxgpt" else "onnxruntime" if impl.startswith("onnxruntime") else "torch"
+            row = make_result(f"forward b{batch} t{length}", framework, impl, batch, length, m)
             if impl in probes:
                 row["thread_probe"] = {str(n): v for n, v in probes[impl].items()}
             rows.append(roofline.annotate(row, flops, roofline.weight_bytes(cfg), limits))
-        tuned = [k for k in measured if k.startswith("torch tuned")]
-        best = min(tuned, key=lambda k: np.median([r["seconds"] for r in measured[k].runs]))
-        for slow, label in ((nb_name, "notebook"), (best, "tuned")):
+        fastest = lambda prefix: min((k for k in measured if k.startswith(prefix)),
+                                     key=lambda k: np.median([r["seconds"] for r in measured[k].runs]), default=None)
+        baselines = [(nb_name, "notebook"), (fastest("torch tuned"), "tuned")]
+        if models.ort is not None:
+            baselines.append((fastest("onnxruntime"), "ort"))
+        for slow, label in baselines:
             ratios[f"forward_b{batch}_t{length}_vs_{label}"] = {
                 "what": f"forward logits ({batch}, {length}): jaxgpt vs {slow}",
                 **paired_ratio(measured[slow].runs, measured["jaxgpt"].runs),

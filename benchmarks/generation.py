@@ -1,4 +1,4 @@
-"""Generation: the notebook's loop vs the tuned torch baseline vs jaxgpt (exact and strided).
+"""Generation: the notebook's loop (torch, and ONNX Runtime) vs the tuned torch baseline vs jaxgpt.
 
 All runs start from the notebook's seed context `[[0]] * B` with the same weights. Torch
 loops record, inside one run, when each character exists (time to first character, the
@@ -9,9 +9,11 @@ host round trip, warm).
 Both torch sides run at every intra-op thread count that a short probe finds within 2x of
 the fastest for each batch size (`benchmarks.threads`; on a small busy CPU one thread can be
 many times faster than torch's default for these small matmuls, on a quiet one slower), and
-each ratio takes the fastest median; the probe's figures go into the rows.
+each ratio takes the fastest median; the probe's figures go into the rows. The notebook loop
+on ONNX Runtime (the exported notebook model, `benchmarks.onnx_runtime`; with the `[onnx]`
+extra) is measured alike, at the session thread counts its own probe keeps.
 
-The notebook loop at 5000 characters would take many minutes per repetition; its cost per
+The notebook loop (either framework) at 5000 characters would take many minutes per repetition; its cost per
 character is constant once the window is full (every step is the same (B, C) forward), so
 its longer times are extrapolated from each measured run: t(N) = t(n) + (N - n) * (t(n) -
 t(C)) / (n - C). Rows (and ratios) computed that way say so.
@@ -27,6 +29,11 @@ from benchmarks import roofline
 from benchmarks.harness import interleave, make_result, paired_ratio
 
 NOTEBOOK, JAX_EXACT, JAX_STRIDED = "notebook loop", "jaxgpt exact", "jaxgpt strided"
+ORT_LOOP = "onnxruntime notebook loop"
+
+
+def _framework(impl: str) -> str:
+    return "jax" if impl.startswith("jaxgpt") else "onnxruntime" if impl.startswith("onnxruntime") else "torch"
 
 
 class Tuned:
@@ -149,6 +156,21 @@ def _tuned_case(models, variant: Tuned, batch: int, steps: int, marks: tuple[int
     return case
 
 
+def _ort_cases(models, group, batch: int, steps: int, marks: tuple[int, ...]) -> list[str]:
+    """Adds the ONNX Runtime notebook loop at each viable thread count to `group`; their names."""
+    if models.ort is None:
+        return []
+    from benchmarks import onnx_runtime
+
+    c = models.config.context_length
+    counts, figures = onnx_runtime.probe(models.ort, batch, steps, c)
+    group.ort_probe = {str(n): f for n, f in figures.items()}
+    names = [f"{ORT_LOOP}, {_threads(t)}" for t in counts]
+    for name, t in zip(names, counts):
+        group.cases[name] = onnx_runtime.loop_case(models.ort, batch, steps, marks, t, c)
+    return names
+
+
 def _jax_case(model, batch: int, steps: int, mode: str, stride: int | None):
     from jaxgpt.generate import Sampler, generate_tokens
 
@@ -179,13 +201,13 @@ class _Group:
 
     def __init__(self, models, suite, limits):
         self.models, self.suite, self.limits = models, suite, limits
-        self.cases, self.measured, self.tuned_probe, self.nb_probe = {}, {}, {}, {}
+        self.cases, self.measured, self.tuned_probe, self.nb_probe, self.ort_probe = {}, {}, {}, {}, {}
 
     def run(self, progress):
         self.measured = interleave(self.cases, self.suite.reps, self.suite.warmup, progress)
 
     def row(self, case, impl, batch, steps, key="seconds", keep=None, **extra):
-        framework = "jax" if impl.startswith("jaxgpt") else "torch"
+        framework = _framework(impl)
         name = f"generate b{batch} {steps}"
         r = make_result(name, framework, impl, batch, steps, self.measured[case], key, **extra)
         if key != "seconds":
@@ -199,6 +221,8 @@ class _Group:
             r["thread_probe"] = self.tuned_probe
         elif impl.startswith(NOTEBOOK):
             r["thread_probe"] = self.nb_probe
+        elif impl.startswith(ORT_LOOP):
+            r["thread_probe"] = self.ort_probe
         cfg = self.models.config
         flops = roofline.flops_generation(cfg, batch, 1, steps, keep)
         return roofline.annotate(r, flops, steps * roofline.weight_bytes(cfg), self.limits)
@@ -228,6 +252,7 @@ def _batch_one(models, suite, limits, progress, generators, stride, keep) -> tup
     notebooks = [f"{NOTEBOOK}, {_threads(t)}" for t in nb_probe["counts"]]
     for name, t in zip(notebooks, nb_probe["counts"]):
         g.cases[name] = _notebook_case(models, 1, nb, marks, t)
+    orts = _ort_cases(models, g, 1, nb, marks)
     tuned = _tuned_variants(suite, 1, tu_probe["counts"], generators)
     for v in tuned:
         g.cases[v.name()] = _tuned_case(models, v, 1, n, marks, None)
@@ -242,7 +267,7 @@ def _batch_one(models, suite, limits, progress, generators, stride, keep) -> tup
     rows, ratios = [], {}
     # The notebook's longer lengths: measured, or extrapolated from the window-full regime.
     nb_key, ext = "seconds", f"t{long}_extrapolated"
-    for name in notebooks:
+    for name in notebooks + orts:
         rows.append(g.row(name, name, 1, mark, key=f"t{mark}"))
         how = dict(extrapolated=True, extrapolated_from=f"{nb} measured characters (window full after {c})")
         if nb < n:
@@ -274,6 +299,16 @@ def _batch_one(models, suite, limits, progress, generators, stride, keep) -> tup
     if nb > c:
         ratios[f"gen_b1_{long}_strided_vs_notebook"] = g.ratio(
             best_nb, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs the {best_nb} (extrapolated)", ext)
+    if orts:
+        best_ort = g.fastest(orts, nb_key)
+        ratios[f"gen_b1_{mark}_exact_vs_ort_loop"] = g.ratio(
+            best_ort, "jax mark", f"batch 1, first {mark} chars (growing context): jaxgpt exact vs the {best_ort}",
+            f"t{mark}")
+        ratios[f"gen_b1_{n}_exact_vs_ort_loop"] = g.ratio(
+            best_ort, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs the {best_ort}{extrapolated}", nb_key)
+        if nb > c:
+            ratios[f"gen_b1_{long}_strided_vs_ort_loop"] = g.ratio(
+                best_ort, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs the {best_ort} (extrapolated)", ext)
     best = g.fastest([v.name() for v in tuned], f"t{mark}")
     ratios[f"gen_b1_{mark}_exact_vs_tuned"] = g.ratio(
         best, "jax mark", f"batch 1, first {mark} chars: jaxgpt exact vs {best}", f"t{mark}")
@@ -301,6 +336,7 @@ def _batched(models, suite, limits, progress, generators, stride, keep, batch, s
     notebooks = [f"{NOTEBOOK}, {_threads(t)}" for t in nb_probe["counts"]]
     for name, t in zip(notebooks, nb_probe["counts"]):
         g.cases[name] = _notebook_case(models, batch, steps, marks, t)
+    orts = _ort_cases(models, g, batch, steps, marks)
     tuned = _tuned_variants(suite, batch, tu_probe["counts"], generators)
     for v in tuned:
         g.cases[v.name()] = _tuned_case(models, v, batch, steps, marks, None)
@@ -314,7 +350,7 @@ def _batched(models, suite, limits, progress, generators, stride, keep, batch, s
 
     rows, ratios = [], {}
     jax_ttfc = g.median("jax ttfc")
-    rows += [g.row(name, name, batch, steps) for name in notebooks]
+    rows += [g.row(name, name, batch, steps) for name in notebooks + orts]
     for v in tuned:
         rows.append(g.row(v.name(), v.name(), batch, steps))
         if overflow:
@@ -325,6 +361,10 @@ def _batched(models, suite, limits, progress, generators, stride, keep, batch, s
     ratios[f"gen_b{batch}_{steps}_exact_vs_notebook"] = g.ratio(best_nb, JAX_EXACT,
                                                                 f"{what}: jaxgpt exact vs the {best_nb}")
     ratios[f"gen_b{batch}_{steps}_exact_vs_tuned"] = g.ratio(best, JAX_EXACT, f"{what}: jaxgpt exact vs {best}")
+    if orts:
+        best_ort = g.fastest(orts)
+        ratios[f"gen_b{batch}_{steps}_exact_vs_ort_loop"] = g.ratio(best_ort, JAX_EXACT,
+                                                                    f"{what}: jaxgpt exact vs the {best_ort}")
     best = g.fastest([v.name() for v in tuned], "ttfc")
     ratios[f"ttfc_b{batch}_vs_tuned"] = g.ratio(
         best, "jax ttfc", f"batch {batch} time to first character: jaxgpt vs {best}", "ttfc")

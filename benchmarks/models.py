@@ -1,8 +1,9 @@
-"""The three models every benchmark compares, built from one torch state dict.
+"""The models every benchmark compares, built from one torch state dict.
 
 The notebook's reference model (`porting.torch_reference`), the tuned torch baseline
-(`benchmarks.torch_tuned`) and jaxgpt's GPT (ported with `porting.load_weights` from the very
-`weights.pt` file the torch models are loaded from) share the same weights: the project's
+(`benchmarks.torch_tuned`), jaxgpt's GPT (ported with `porting.load_weights` from the very
+`weights.pt` file the torch models are loaded from) and, with the `[onnx]` extra, the reference
+exported to ONNX and run on ONNX Runtime (`benchmarks.onnx_runtime`) share the same weights: the project's
 default checkpoint when it exists, otherwise a seeded random initialisation of the reference
 (speed does not depend on the values; parity figures are more telling with trained weights,
 so the JSON says which was used).
@@ -36,6 +37,8 @@ class Models:
       jax: `jaxgpt.GPT` (eval mode).
       tuned_max_diff: max |tuned - reference| logits over the check inputs.
       torch_device: torch device string.
+      ort: `benchmarks.onnx_runtime.OrtModel`, or None (not asked for, or the extra is missing).
+      ort_max_diff: max |ORT - reference| logits over the check inputs (None without ORT).
     """
 
     config: GPTConfig
@@ -46,6 +49,8 @@ class Models:
     jax: object
     tuned_max_diff: float
     torch_device: str = "cpu"
+    ort: object | None = None
+    ort_max_diff: float | None = None
 
 
 def default_weights() -> str | None:
@@ -57,8 +62,8 @@ def default_weights() -> str | None:
 
 
 def build_models(config: GPTConfig, workdir: str, weights: str | None = None, torch_device: str = "cpu",
-                 seed: int = 0) -> Models:
-    """Loads (or creates) a `weights.pt` and builds the three models from it.
+                 seed: int = 0, onnx: bool = False) -> Models:
+    """Loads (or creates) a `weights.pt` and builds the models from it.
 
     Args:
       config: configuration to create random weights with; ignored when `weights` is given
@@ -67,9 +72,12 @@ def build_models(config: GPTConfig, workdir: str, weights: str | None = None, to
       weights: an existing torch checkpoint, or None (use `config` with seeded random weights).
       torch_device: device of the torch models.
       seed: torch seed of the random initialisation.
+      onnx: also export the reference to `workdir`/model.onnx and open it on ONNX Runtime (if
+        the `[onnx]` extra is installed).
 
     Raises:
-      AssertionError: the tuned baseline's logits differ from the reference by more than 1e-5.
+      AssertionError: the tuned baseline's (or ONNX Runtime's) logits differ from the
+        reference by more than 1e-5 per unit of the largest |logit|.
     """
     import torch
 
@@ -101,4 +109,17 @@ def build_models(config: GPTConfig, workdir: str, weights: str | None = None, to
     tolerance = TUNED_TOLERANCE * max(1.0, float(expected.abs().max()))
     if not diff <= tolerance:
         raise AssertionError(f"tuned torch baseline differs from the reference by {diff:.3g} > {tolerance:.3g}")
-    return Models(config, weights, source, reference, tuned, jax_model, diff, torch_device)
+    models = Models(config, weights, source, reference, tuned, jax_model, diff, torch_device)
+    if onnx:
+        from benchmarks import onnx_runtime
+
+        if onnx_runtime.available():
+            cpu_reference = reference_from_config(config)
+            cpu_reference.load_state_dict(state_dict, strict=True)
+            path = onnx_runtime.export(cpu_reference, os.path.join(workdir, "model.onnx"), config)
+            models.ort = onnx_runtime.OrtModel(path)
+            models.ort_max_diff = float(np.abs(models.ort.logits(tokens.cpu().numpy()) - expected.cpu().numpy()).max())
+            if not models.ort_max_diff <= tolerance:
+                raise AssertionError(f"ONNX Runtime differs from the reference by {models.ort_max_diff:.3g} > "
+                                     f"{tolerance:.3g}")
+    return models

@@ -9,6 +9,9 @@
   loop with inverse-CDF sampling (`porting.torch_reference.inverse_cdf_generate`).
 - strided: jaxgpt strided vs the tuned torch strided twin with the same uniforms (the
   reference has no strided mode; the twin matches the reference's logits to 1e-5).
+- onnxruntime (with the `[onnx]` extra): the exported notebook model's logits against jaxgpt
+  and against torch on the same inputs, and its greedy notebook loop against jaxgpt's greedy
+  tokens.
 """
 
 from __future__ import annotations
@@ -47,13 +50,19 @@ def run(models, suite, limits=None, progress=None) -> dict:
     forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
     rng = np.random.default_rng(1234)
     worst, total, scale = 0.0, 0.0, 0.0
+    ort_worst = {"jaxgpt": 0.0, "torch": 0.0}
     for _ in range(suite.parity_inputs):
         tokens = rng.integers(0, cfg.vocab_size, (4, c))
         with torch.no_grad():
             ref = models.reference(torch.from_numpy(tokens).to(dev)).cpu().numpy()
-        diff = np.abs(np.asarray(forward(state, tokens.astype(np.int32))) - ref)
+        ours = np.asarray(forward(state, tokens.astype(np.int32)))
+        diff = np.abs(ours - ref)
         worst, total = max(worst, float(diff.max())), total + float(diff.mean())
         scale = max(scale, float(np.abs(ref).max()))
+        if models.ort is not None:
+            theirs = models.ort.logits(tokens)
+            for name, other in (("jaxgpt", ours), ("torch", ref)):
+                ort_worst[name] = max(ort_worst[name], float(np.abs(theirs - other).max()))
     out["logits"] = {"inputs": suite.parity_inputs, "shape": [4, c], "max_abs_diff": worst,
                      "mean_abs_diff": total / suite.parity_inputs, "max_abs_logit": scale,
                      "max_diff_relative_to_max_logit": worst / scale if scale else None}
@@ -70,6 +79,14 @@ def run(models, suite, limits=None, progress=None) -> dict:
         th = inverse_cdf_generate(models.reference, torch.from_numpy(seed_context).to(dev), torch.zeros(1, n), c,
                                   temperature=0).cpu().numpy()
     out["greedy"] = _agreement(jx, th)
+    if models.ort is not None:
+        from benchmarks import onnx_runtime
+
+        say(f"parity: onnxruntime greedy {n} tokens (notebook loop)")
+        ort = onnx_runtime.notebook_loop(models.ort, n, seed_context, c, models.ort.threads[0], greedy=True)
+        out["onnxruntime"] = {"max_abs_logit_diff_vs_jaxgpt": ort_worst["jaxgpt"],
+                              "max_abs_logit_diff_vs_torch": ort_worst["torch"], "inputs": suite.parity_inputs,
+                              "shape": [4, c], "greedy_vs_jaxgpt": _agreement(jx, ort)}
 
     say(f"parity: sampled {suite.sampled_rows}x{suite.sampled_tokens} tokens (reference loop)")
     rows, n = suite.sampled_rows, suite.sampled_tokens

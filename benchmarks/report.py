@@ -14,6 +14,7 @@ from jaxgpt.atomic import atomic_file
 
 REQUIRED_RESULT_KEYS = ("name", "framework", "batch", "chars", "seconds", "chars_per_s")
 TOP_LEVEL_KEYS = ("device", "versions", "results", "ratios", "parity")
+FRAMEWORKS = ("jax", "torch", "onnxruntime")
 
 
 def check_document(doc: dict) -> None:
@@ -25,8 +26,8 @@ def check_document(doc: dict) -> None:
         lacking = [k for k in REQUIRED_RESULT_KEYS if k not in row]
         if lacking:
             raise ValueError(f"result {i} ({row.get('name')!r}) lacks {lacking}")
-        if row["framework"] not in ("jax", "torch"):
-            raise ValueError(f"result {i} has framework {row['framework']!r}, expected 'jax' or 'torch'")
+        if row["framework"] not in FRAMEWORKS:
+            raise ValueError(f"result {i} has framework {row['framework']!r}, expected one of {FRAMEWORKS}")
     for key, ratio in doc["ratios"].items():
         if "ratio" not in ratio or "what" not in ratio:
             raise ValueError(f"ratio {key!r} lacks 'ratio' or 'what'")
@@ -108,7 +109,7 @@ def markdown(doc: dict) -> str:
         f"- model: {doc.get('model', {}).get('description', '-')}; weights: {doc['parity'].get('weights', '-')}",
         f"- date: {doc.get('date', '-')}; wall time of the suite: {_fmt(doc.get('elapsed_s'))} s",
         "",
-        "## Ratios (torch time / jaxgpt time: above 1, jaxgpt is faster)",
+        "## Ratios (torch or onnxruntime time / jaxgpt time: above 1, jaxgpt is faster)",
         "",
         "| comparison | ratio | per-round min-max |",
         "| --- | ---: | ---: |",
@@ -161,6 +162,14 @@ def markdown(doc: dict) -> str:
                          f"({'within' if a.get('ok') else 'OUTSIDE'} {a.get('grad_tolerance')}), weights after one "
                          f"AdamW step {a.get('params_after_step_max_abs_diff_grad_ge_1e-6', float('nan')):.1e} "
                          "(where |gradient| >= 1e-6)")
+    if "onnxruntime" in p:
+        o = p["onnxruntime"]
+        g = o["greedy_vs_jaxgpt"]
+        div = "never diverged" if g["first_divergence"] is None else f"first divergence at {g['first_divergence']}"
+        lines.append(f"- onnxruntime (the notebook model exported to ONNX): max |logit difference| "
+                     f"{o['max_abs_logit_diff_vs_jaxgpt']:.2e} vs jaxgpt, {o['max_abs_logit_diff_vs_torch']:.2e} vs "
+                     f"torch over {o['inputs']} random {tuple(o['shape'])} inputs; greedy tokens vs jaxgpt "
+                     f"{100 * g['agreement']:.2f}% of {g['tokens']} agree ({div})")
     if "tuned_vs_reference_max_abs_logit_diff" in p:
         lines.append(f"- tuned torch baseline vs the notebook model: max |logit difference| "
                      f"{p['tuned_vs_reference_max_abs_logit_diff']:.2e}")
@@ -203,8 +212,10 @@ def plot(doc: dict, path: str) -> None:
         ax.text((x + hi) * 1.08, y, f"{x:.3g}x", va="center", fontsize=8)  # right of the whisker
     right = max((x + hi) for x, hi in zip(values, highs)) if values else 1.0
     ax.set_xlim(right=right * 2.2)
-    ax.set_xlabel("torch time / jaxgpt time (log scale; > 1: jaxgpt faster); whiskers: per-round min-max")
-    ax.set_title(f"jaxgpt vs torch on {doc['device']}", fontsize=10)
+    ax.set_xlabel("baseline (torch or onnxruntime) time / jaxgpt time (log scale; > 1: jaxgpt faster); "
+                  "whiskers: per-round min-max")
+    others = "torch and onnxruntime" if any(r["framework"] == "onnxruntime" for r in doc["results"]) else "torch"
+    ax.set_title(f"jaxgpt vs {others} on {doc['device']}", fontsize=10)
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

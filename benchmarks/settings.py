@@ -39,6 +39,8 @@ class SuiteConfig:
         full) and marked so.
       forward_shapes: (B, T) of the forward-logits benchmark.
       compile_forward: also time the torch.compile'd tuned forward.
+      onnx: also time and check the notebook model exported to ONNX on ONNX Runtime (the notebook
+        loop in every generation group, the forward, parity), on a CPU with the `[onnx]` extra.
       train_quick: passed to `benchmarks.train_step.run`.
       limits_matmul: n of the n x n matmul peak; limits_mbytes: array size of the bandwidth test.
       parity_inputs: random (B, T) inputs for the max |logit difference|.
@@ -60,8 +62,9 @@ class SuiteConfig:
     compile_torch_batches: tuple[int, ...] = (1, 8, 64)
     torch_threads: tuple[int, ...] = (1,)
     notebook_steps: int | None = None
-    forward_shapes: tuple[tuple[int, int], ...] = ((1, 128), (64, 128))
+    forward_shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 128), (64, 128))
     compile_forward: bool = True
+    onnx: bool = True
     train_quick: bool = False
     limits_matmul: int = 2048
     limits_mbytes: int = 256

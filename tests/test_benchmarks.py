@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from benchmarks import harness, report, roofline  # noqa: E402
+from benchmarks import harness, onnx_runtime, report, roofline  # noqa: E402
 from benchmarks.settings import TINY  # noqa: E402
 from jaxgpt.config import PUBLISHED, GPTConfig  # noqa: E402
 
@@ -119,6 +119,32 @@ def test_tuned_torch_rejects_foreign_keys():
         TunedGPT.from_state_dict(sd, SMALL)
 
 
+# ----------------------------------------------------------------------------- ONNX Runtime
+@pytest.mark.parametrize("variant", ["drake", "learning"])
+def test_onnx_export_matches_the_reference_and_runs_the_notebook_loop(tmp_path, variant):
+    pytest.importorskip("onnxruntime")
+    from porting.torch_reference import inverse_cdf_generate, reference_from_config
+
+    cfg = SMALL.replace(variant=variant)
+    torch.manual_seed(0)
+    ref = reference_from_config(cfg)
+    model = onnx_runtime.OrtModel(onnx_runtime.export(ref, str(tmp_path / "m.onnx"), cfg), threads=[1])
+    rng = np.random.default_rng(0)
+    for batch, length in ((1, 1), (2, 5), (3, cfg.context_length)):  # batch and length are dynamic
+        x = rng.integers(0, cfg.vocab_size, (batch, length))
+        with torch.no_grad():
+            np.testing.assert_allclose(model.logits(x), ref(torch.from_numpy(x)).numpy(), rtol=0, atol=1e-5)
+    num_new = 2 * cfg.context_length  # past the window: the loop crops as the notebook does
+    greedy = onnx_runtime.notebook_loop(model, num_new, np.zeros((2, 1)), cfg.context_length, 1, greedy=True)
+    want = inverse_cdf_generate(ref, torch.zeros((2, 1), dtype=torch.long), torch.zeros(2, num_new),
+                                cfg.context_length, temperature=0)
+    np.testing.assert_array_equal(greedy, want.numpy())
+    sampled = [onnx_runtime.notebook_loop(model, 20, np.zeros((2, 1)), cfg.context_length, 1,
+                                          rng=np.random.default_rng(s)) for s in (1, 1, 2)]
+    assert np.array_equal(sampled[0], sampled[1]) and not np.array_equal(sampled[0], sampled[2])
+    assert sampled[0].min() >= 0 and sampled[0].max() < cfg.vocab_size
+
+
 # ----------------------------------------------------------------------------- report
 def _doc():
     row = {"name": "generate b1 10", "framework": "jax", "impl": "jaxgpt exact", "batch": 1, "steps": 10,
@@ -173,6 +199,12 @@ def test_tiny_suite_end_to_end(tmp_path, capsys):
     assert all(r["seconds"] > 0 and r["spread"]["n"] == TINY.reps for r in doc["results"])
     assert doc["parity"]["logits"]["max_abs_diff"] < 1e-4
     assert doc["parity"]["sampled"]["agreement"] == 1.0
+    if onnx_runtime.available():  # the third framework: rows, ratios, parity
+        assert any(r["framework"] == "onnxruntime" and r["impl"].startswith("onnxruntime notebook loop")
+                   for r in doc["results"])
+        assert doc["ratios"][f"gen_b1_{n}_exact_vs_ort_loop"]["ratio"] > 0
+        ort = doc["parity"]["onnxruntime"]
+        assert ort["max_abs_logit_diff_vs_torch"] < 1e-5 and ort["greedy_vs_jaxgpt"]["agreement"] == 1.0
     assert np.isfinite(doc["flops_per_char"]["window_step"])
     assert "## Ratios" in capsys.readouterr().out
 
