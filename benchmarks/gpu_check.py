@@ -1,6 +1,6 @@
 """The GPU check: parity, the benchmark suite and batch scaling on a GPU, in one budgeted run.
 
-    PYTHONPATH=. python3 -m benchmarks.gpu_check OUTDIR [--budget 480] [--max-batch 16384] [--dry-run]
+    PYTHONPATH=. python3 -m benchmarks.gpu_check OUTDIR [--budget S] [--max-batch 16384] [--dry-run]
 
 Runs from the repository root with nothing installed (the GPU machine has jax, flax, optax,
 torch, numpy, pytest but no package index). Each step is its own process, one after another,
@@ -20,7 +20,8 @@ so that no two hold the GPU's memory at once and a failing step does not end the
              figures, and its slow tests take minutes.
 
 Budget: before each step its estimated time (`Step.estimate_s`, guessed from CPU runs; refine
-them after a GPU run) is checked against what is left of `--budget`; a step that would not fit
+them after a GPU run) is checked against what is left of `--budget` (480 s; a dry run 1800 s,
+whatever the CPU); a step that would not fit
 is skipped and recorded as such, and a running step is stopped when the budget is spent.
 gpu_check.json (rewritten after every step, so a killed run keeps what it finished) records each
 step's status, time and command; gpu_check.log holds every step's output. OUTDIR receives at
@@ -237,7 +238,8 @@ def _precision_child(dry: bool) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("outdir", nargs="?", help="where the results go (created if missing)")
-    p.add_argument("--budget", type=float, default=480.0, help="seconds for all steps (default 480)")
+    p.add_argument("--budget", type=float, help="seconds for all steps (default 480; a dry run 1800: it checks "
+                   "that every step runs, on whatever CPU)")
     p.add_argument("--max-batch", type=int, default=16384, help="largest batch of the scaling step (default 16384)")
     p.add_argument("--dry-run", action="store_true", help="every step on the CPU with tiny sizes (about a minute)")
     p.add_argument("--child", choices=("env", "precision"), help=argparse.SUPPRESS)
@@ -248,9 +250,10 @@ def main(argv=None) -> int:
         return 0
     if args.outdir is None:
         p.error("OUTDIR is required")
-    if args.budget <= 0 or args.max_batch < 64 and not args.dry_run:
+    budget = args.budget if args.budget is not None else 1800.0 if args.dry_run else 480.0
+    if budget <= 0 or args.max_batch < 64 and not args.dry_run:
         p.error("--budget must be > 0 and --max-batch >= 64")
-    return check(os.path.abspath(args.outdir), args.budget, args.dry_run, args.max_batch)
+    return check(os.path.abspath(args.outdir), budget, args.dry_run, args.max_batch)
 
 
 if __name__ == "__main__":

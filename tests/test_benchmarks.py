@@ -261,7 +261,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", str(tmp_path)], cwd=root,
-                          env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=900)
+                          env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]
     check = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [s["name"] for s in check["steps"]] == ["env", "precision", "suite", "sharding", "parity"]
