@@ -21,8 +21,8 @@ so that no two hold the GPU's memory at once and a failing step does not end the
 
 Budget: before each step its estimated time (`Step.estimate_s`, guessed from CPU runs; refine
 them after a GPU run) is checked against what is left of `--budget` (480 s; a dry run 1800 s,
-whatever the CPU); a step that would not fit
-is skipped and recorded as such, and a running step is stopped when the budget is spent.
+whatever the CPU); a step that would not fit is skipped and recorded as such, and a running
+step is stopped when the budget is spent.
 gpu_check.json (rewritten after every step, so a killed run keeps what it finished) records each
 step's status, time and command; gpu_check.log holds every step's output. OUTDIR receives at
 most 8 files.
