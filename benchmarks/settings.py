@@ -11,7 +11,7 @@ import dataclasses
 
 from jaxgpt.config import PUBLISHED, GPTConfig
 
-GROUPS = ("limits", "generation", "forward", "train", "porting", "compile", "parity")
+GROUPS = ("limits", "generation", "forward", "train", "porting", "compile", "parity", "beam_score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,8 @@ class SuiteConfig:
       greedy_tokens: greedy-agreement length; sampled_tokens, sampled_rows: sampled-text agreement.
       porting_reps: load_weights repetitions (cheap, so more of them).
       compile_reps: cold/warm-cache process pairs of the compile benchmark.
+      beam_beams, beam_steps: beams and characters of the batch-1 beam search (benchmarks.beam_score).
+      score_chars: characters scored by the `score` benchmark (exact windows).
       groups: which groups run (subset of GROUPS).
     """
 
@@ -74,6 +76,9 @@ class SuiteConfig:
     sampled_rows: int = 2
     porting_reps: int = 10
     compile_reps: int = 3
+    beam_beams: int = 4
+    beam_steps: int = 200
+    score_chars: int = 10_000
     groups: tuple[str, ...] = GROUPS
 
     def __post_init__(self):
@@ -109,6 +114,7 @@ QUICK = SuiteConfig(
     sampled_rows=1,
     porting_reps=5,
     compile_reps=2,
+    score_chars=2_000,
 )
 
 TINY = SuiteConfig(
@@ -132,5 +138,7 @@ TINY = SuiteConfig(
     sampled_rows=2,
     porting_reps=2,
     compile_reps=1,
+    beam_steps=24,
+    score_chars=40,
     groups=("limits", "generation", "forward", "porting", "parity"),
 )

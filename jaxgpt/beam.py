@@ -21,7 +21,10 @@ overwritten, as in engine.py). While the context fits (prompt length + step <= C
 decodes every hypothesis' last token from the cache; after the step the surviving
 hypotheses' stream rows, KV cache rows and flags are gathered from their parents (a gather
 on the beam axis, on the device). Once the context is full every step re-encodes each
-hypothesis' window of C tokens, as exact generation does; nothing is cached any more. Step 0
+hypothesis' window of C tokens, as exact generation does; nothing is cached any more. The
+hypotheses of a row usually differ only in their last few tokens, so when all of them agree
+on all but the last 8 (or 32) window tokens the shared part is encoded once per row and only
+the suffixes per hypothesis (`_beam_windows`), instead of every window whole. Step 0
 runs as any other step with the initial scores (0, -inf, ..., -inf): only beam 0's
 continuations can be chosen. The loop stops early once every hypothesis is frozen.
 
@@ -35,6 +38,7 @@ bucket: the prompt length, num_new and the stop strings are traced.
 from __future__ import annotations
 
 import collections
+import math
 import os
 from typing import NamedTuple, Sequence
 
@@ -52,6 +56,7 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 """Number of times the search program was traced (one per compilation) in this process."""
 
 MIN_STOPS, MIN_STOP_LEN = 4, 8
+SHARED_SUFFIXES = (8, 32)  # see `_beam_windows`
 WILDCARD = -2  # left padding of a stop sequence: matches any token
 
 
@@ -84,6 +89,65 @@ def _window(model, windows):  # (R, C) -> (R, V) at the last position; the refil
     r, t = windows.shape
     cache = init_cache(model.config, r, model.token_embedding.embedding.dtype)
     return model.encode_window(windows, cache, jnp.full((r,), t - 1, jnp.int32))[0]
+
+
+def _extend(model, suffix, prefix_cache):
+    """Logits after each beam's window = a prefix shared by the row's beams + its own suffix.
+
+    A local helper over the model's blocks (the model has no multi-token cached entry point):
+    the suffix tokens `(B, K, T)` sit at positions P..P+T-1 and attend causally to each other
+    and to the row's prefix keys and values `prefix_cache` (B rows, positions 0..P-1 valid,
+    P = C - T), computed once per row rather than once per beam. Same arithmetic as the
+    model's own forward (pre-norm blocks, eval mode: no dropout).
+
+    Returns:
+      float32 logits `(B K, V)` at each window's last position.
+    """
+    b, k, t = suffix.shape
+    start = model.config.context_length - t
+    x = model.token_embedding(suffix) + model.pos_embedding(start + jnp.arange(t))  # (B, K, T, D)
+    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # (T, T)
+    for block, layer in zip(model.blocks, prefix_cache):
+        attention = block.attention
+        qkv = attention._qkv(block.norm1(x).reshape(b * k, t, -1))  # (B K, T, 3, H, Kd)
+        q, keys, values = (y.reshape(b, k, *y.shape[1:]) for y in qkv.transpose(2, 0, 3, 1, 4))  # (B, K, H, T, Kd)
+        scale = math.sqrt(attention.head_size)
+        shared = jnp.einsum("bjhtd,bhds->bjhts", q, layer.k[..., :start]) / scale  # (B, K, H, T, P)
+        own = jnp.where(causal, jnp.einsum("bjhtd,bjhsd->bjhts", q, keys) / scale, -jnp.inf)  # (B, K, H, T, T)
+        probs = jax.nn.softmax(jnp.concatenate([shared, own], axis=-1), axis=-1)
+        heads = (jnp.einsum("bjhts,bhsd->bjthd", probs[..., :start], layer.v[:, :, :start])
+                 + jnp.einsum("bjhts,bjhsd->bjthd", probs[..., start:], values))  # (B, K, T, H, Kd)
+        x = x + attention._output(heads.reshape(b * k, t, *heads.shape[3:])).reshape(x.shape)
+        x = x + block.mlp(block.norm2(x))
+    return model._logits(x[:, :, -1:].reshape(b * k, 1, -1))[:, 0]
+
+
+def _shared_window(model, windows, suffix: int):  # (B, K, C), beams equal but the last `suffix` -> (B K, V)
+    c = model.config.context_length
+    cache = init_cache(model.config, windows.shape[0], model.token_embedding.embedding.dtype)
+    cache = _prefill(model, windows[:, 0, : c - suffix], cache)
+    return _extend(model, windows[:, :, c - suffix :], cache)
+
+
+def _beam_windows(model, windows):
+    """Logits `(B K, V)` after every hypothesis' window `(B, K, C)`.
+
+    Hypotheses of one row mostly differ in their last few tokens only: when every row's beams
+    agree on all but the last 8 (or 32) tokens, the common prefix is encoded once per row and
+    only the suffixes per beam (`_extend`); otherwise every window is encoded in full.
+    """
+    b, k, c = windows.shape
+    suffixes = [d for d in SHARED_SUFFIXES if d < c]
+    full = lambda w: _window(model, w.reshape(b * k, c))
+    if k == 1 or not suffixes:
+        return full(windows)
+    agree = jnp.all(windows == windows[:, :1], axis=(0, 1))  # (C,)
+    fits = [jnp.all(agree[: c - d]) for d in suffixes]
+    choice = len(suffixes)
+    for i in reversed(range(len(suffixes))):  # the shortest suffix that fits
+        choice = jnp.where(fits[i], i, choice)
+    branches = [lambda w, d=d: _shared_window(model, w, d) for d in suffixes] + [full]
+    return jax.lax.switch(choice, branches, windows)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -164,7 +228,7 @@ def search(graphdef, state, stream, prompt_len, num_new, stops, stop_valid, *, b
     def window_step(loop):  # the context is full: re-encode every hypothesis' last C tokens
         j, s = loop
         windows = jax.lax.dynamic_slice_in_dim(s.stream, prompt_len + j - c, c, axis=2)  # (B, K, C)
-        logits = _window(model, flat(windows))
+        logits = _beam_windows(model, windows)
         s, _ = _select(s, jax.nn.log_softmax(logits).reshape(b, beams, -1), j, prompt_len, stops, stop_valid)
         return j + 1, s
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxgpt
 from jaxgpt import beam as beam_module
@@ -77,6 +79,20 @@ def test_a_frozen_hypothesis_keeps_its_score_and_competes():
     np.testing.assert_allclose(result.scores[0], [np.log(0.3), 3 * np.log(0.6)], rtol=1e-5)
     np.testing.assert_array_equal(result.lengths[0], [1, 3])
     np.testing.assert_array_equal(result.stopped[0], [True, False])
+
+
+def test_shared_prefix_windows_equal_full_windows(pair):
+    # beams that agree but for their last 8 tokens: the prefix encoded once per row + the
+    # suffixes per beam give the logits of the full windows
+    _, sampler = pair
+    model = nnx.merge(sampler.graphdef.graphdef, sampler.state_on(jax.local_devices()[:1]))
+    rng = np.random.default_rng(0)
+    windows = np.repeat(rng.integers(0, SMALL["vocab_size"], (2, 1, C)), 3, axis=1)
+    windows[:, :, -8:] = rng.integers(0, SMALL["vocab_size"], (2, 3, 8))
+    shared = beam_module._shared_window(model, jnp.asarray(windows), 8)
+    full = model(jnp.asarray(windows.reshape(6, C)))[:, -1]
+    np.testing.assert_allclose(shared, full, atol=1e-5 * max(1.0, float(jnp.abs(full).max())), rtol=0)
+    assert beam_module._beam_windows(model, jnp.asarray(windows)).shape == (6, SMALL["vocab_size"])
 
 
 @pytest.mark.parametrize("context", [np.array([[5, 17, 3], [40, 2, 2]]), np.zeros((2, 0), np.int64)],
@@ -181,3 +197,46 @@ def test_trained_weights_match_torch():
     tokens, scores = reference_beam_search(ref, torch.from_numpy(context).long(), num_new, 5, cfg.context_length)
     np.testing.assert_array_equal(ours.tokens, tokens.numpy())
     np.testing.assert_allclose(ours.scores, scores.numpy(), atol=1e-4, rtol=0)
+
+
+def test_benchmark_rows_on_a_tiny_model(tmp_path):
+    # benchmarks/beam_score.py cannot rot: both rows, same tokens and log-probabilities checked inside
+    from benchmarks import beam_score
+    from benchmarks.models import build_models
+    from benchmarks.settings import TINY
+
+    suite = TINY.replace(reps=1, warmup=1)
+    rows, ratios = beam_score.run(build_models(suite.model, str(tmp_path)), suite)
+    assert sorted(ratios) == ["beam_b1_x4_vs_reference", "score_vs_tuned"]
+    assert all(r["ratio"] > 0 for r in ratios.values())
+    assert {(r["name"], r["framework"]) for r in rows} == {
+        (f"beam b1 x4 {suite.beam_steps}", "jax"), (f"beam b1 x4 {suite.beam_steps}", "torch"),
+        (f"score {suite.score_chars} chars", "jax"), (f"score {suite.score_chars} chars", "torch")}
+
+
+DEVICES_PROBE = """
+import sys, numpy as np, jax, jaxgpt
+from porting import load_weights
+model = load_weights(sys.argv[1])
+context = np.array([[5, 17, 3], [40, 2, 2], [7, 7, 7], [1, 2, 3]])
+runs = [jaxgpt.beam_search(model, context, 24, beams=3, devices=n) for n in (1, 2, None)]
+print(len(jax.devices()), all(np.array_equal(r.tokens, runs[0].tokens) for r in runs),
+      max(float(np.abs(r.scores - runs[0].scores).max()) for r in runs))
+"""
+
+
+def test_rows_split_over_devices_give_the_same_beams(tmp_path):
+    # 4 rows on 1, 2 and 3 simulated CPU devices (3: padded to 6 rows)
+    import subprocess
+    import sys
+
+    path = tmp_path / "w.pt"
+    torch.save(random_reference("drake", seed=1, **SMALL).state_dict(), path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3", "PYTHONPATH": root,
+           "JAXGPT_NO_COMPILE_CACHE": "1"}
+    done = subprocess.run([sys.executable, "-c", DEVICES_PROBE, str(path)], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    devices, same, diff = done.stdout.split()
+    assert (devices, same) == ("3", "True") and float(diff) < 1e-4
