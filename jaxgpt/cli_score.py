@@ -17,7 +17,7 @@ import sys
 
 import click
 
-from jaxgpt.cli import CLIError, default_weights, load_vocab
+from jaxgpt.cli import CLIError, load_model
 
 TOP = 5  # alternatives shown per character
 SURPRISING = 10
@@ -129,7 +129,8 @@ likeliest characters at that point.</p>
 @click.option("--text", "text_file", type=str, default=None, metavar="FILE", help="UTF-8 file to score.")
 @click.option("--string", type=str, default=None, metavar="TEXT", help="Text to score, given inline.")
 @click.option("--weights", type=str, default=None, metavar="PATH",
-              help="Checkpoint: torch .pt, .safetensors or jaxgpt orbax directory [default: the bundled one].")
+              help="Checkpoint: torch .pt, .safetensors, jaxgpt orbax directory or `jaxgpt train` output directory "
+                   "[default: the bundled one].")
 @click.option("--vocab", type=str, default=None, metavar="JSON",
               help="id -> character JSON [default: vocab.json beside the weights, else the published 104 characters].")
 @click.option("--mode", type=click.Choice(["exact", "strided"]), default="exact", show_default=True,
@@ -147,20 +148,13 @@ def score_command(text_file, string, weights, vocab, mode, stride, html_out, as_
         raise CLIError("--stride applies to --mode strided only")
     if html_out is not None:
         _check_output(html_out)
-    from porting import load_weights
-
     from jaxgpt import compile_cache
     from jaxgpt.generate import Sampler
     from jaxgpt.score import score_details
 
     compile_cache.enable()
-    path = weights if weights is not None else default_weights()
-    characters, vocab_source = load_vocab(vocab, path)
-    model = load_weights(path)
+    model, path, characters, _ = load_model(weights, vocab)
     config = model.config
-    if characters.size != config.vocab_size:
-        raise CLIError(f"{vocab_source} has {characters.size} characters but {path} has "
-                       f"vocab_size {config.vocab_size}: pass the checkpoint's vocabulary with --vocab")
     unknown = characters.unknown_chars(text)
     if unknown:
         raise CLIError(f"the text holds characters not in the vocabulary: {', '.join(repr(c) for c in unknown[:10])}")
