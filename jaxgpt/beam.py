@@ -48,14 +48,14 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt import engine, sharding
-from jaxgpt.generate import MIN_STEPS_BUCKET, _as_sampler, _check_context, _vocab_for, bucket
 from jaxgpt.model import init_cache
+from jaxgpt.score import sampler_of, vocab_of
 from jaxgpt.vocab import Vocab
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
 """Number of times the search program was traced (one per compilation) in this process."""
 
-MIN_STOPS, MIN_STOP_LEN = 4, 8
+MIN_STEPS, MIN_STOPS, MIN_STOP_LEN = 64, 4, 8  # smallest buckets of num_new and of the stop table
 SHARED_SUFFIXES = (8, 32)  # see `_beam_windows`
 WILDCARD = -2  # left padding of a stop sequence: matches any token
 
@@ -202,7 +202,7 @@ def search(graphdef, state, stream, prompt_len, num_new, stops, stop_valid, *, b
       the final `_State`.
     """
     TRACE_COUNTS["search"] += 1
-    model = nnx.merge(engine._graph(graphdef), state)
+    model = nnx.merge(graphdef.graphdef, state)
     c = model.config.context_length
     b, m = stream.shape[0], stops.shape[1]
     rows = b * beams
@@ -243,6 +243,22 @@ search = engine._for_platform(search, static_argnames=("graphdef", "beams"))
 
 
 # ----------------------------------------------------------------------------- API
+def bucket(n: int, minimum: int) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def _check_context(context, vocab_size: int) -> np.ndarray:
+    context = np.asarray(context)
+    if context.ndim != 2 or context.shape[0] < 1:
+        raise ValueError(f"context must have shape (batch >= 1, length), got {context.shape}")
+    if context.size and not np.issubdtype(context.dtype, np.integer):
+        raise ValueError(f"context must hold integer token ids, got dtype {context.dtype}")
+    if context.size and (context.min() < 0 or context.max() >= vocab_size):
+        raise ValueError(f"context holds token ids outside the vocabulary 0..{vocab_size - 1}")
+    return context.astype(np.int32)
+
+
 def stop_bucket(num: int, longest: int) -> tuple[int, int]:
     """(S, M) shape of the stop table for `num` strings of at most `longest` tokens."""
     return bucket(num, MIN_STOPS), bucket(longest, MIN_STOP_LEN)
@@ -269,7 +285,7 @@ def beam_search(model, context, num_new: int, *, beams: int = 4, stop=None, voca
     """The `beams` best continuations of each row of `context` (see the module docstring).
 
     Args:
-      model: a `jaxgpt.GPT` in eval mode, a `jaxgpt.Sampler` of one, or a checkpoint path.
+      model: a `jaxgpt.GPT` in eval mode, or a `jaxgpt.Sampler` of one.
       context: int `(B, T)` prompts as for `generate_tokens`: T = 0 is the seed token; T > C
         keeps the last C.
       num_new: tokens per hypothesis (>= 1).
@@ -285,21 +301,21 @@ def beam_search(model, context, num_new: int, *, beams: int = 4, stop=None, voca
     Raises:
       ValueError: bad context, num_new, beams, stop or devices (checked before anything runs).
     """
-    model = _as_sampler(model)
+    model = sampler_of(model)
     config = model.config
     context = _check_context(context, config.vocab_size)
     if isinstance(num_new, bool) or not isinstance(num_new, (int, np.integer)) or num_new < 1:
         raise ValueError(f"the number of new tokens must be a positive integer, got {num_new!r}")
     if isinstance(beams, bool) or not isinstance(beams, (int, np.integer)) or not 1 <= beams <= config.vocab_size:
         raise ValueError(f"beams must be an integer in 1..vocab_size={config.vocab_size}, got {beams!r}")
-    stops, stop_valid = _stop_table(stop, _vocab_for(model, vocab))
+    stops, stop_valid = _stop_table(stop, vocab_of(config, vocab))
     chosen = sharding.resolve_devices(devices)[: context.shape[0]]
     batch, c = context.shape[0], config.context_length
     if context.shape[1] == 0:
         context = np.zeros((batch, 1), np.int32)  # the notebook's seed context [[0]]
     context = context[:, -c:]
     p = context.shape[1]
-    stream = np.zeros((sharding.padded_size(batch, len(chosen)), c + bucket(num_new, MIN_STEPS_BUCKET)), np.int32)
+    stream = np.zeros((sharding.padded_size(batch, len(chosen)), c + bucket(num_new, MIN_STEPS)), np.int32)
     stream[:batch, :p] = context
     whole, rows = sharding.placements(chosen)
     final = search(model.graphdef, model.state_on(chosen), jax.device_put(stream, rows), np.int32(p),
@@ -316,7 +332,7 @@ def beam_search_text(model, prompt: str, num_chars: int, beams: int = 4, *, stop
     """The `beams` best continuations of `prompt` as (text, score), best first.
 
     Args:
-      model: a `jaxgpt.GPT` in eval mode, a `jaxgpt.Sampler`, or a checkpoint path.
+      model: a `jaxgpt.GPT` in eval mode, or a `jaxgpt.Sampler` of one.
       prompt: text to continue; "" starts from the seed token (newline).
       num_chars: characters per hypothesis.
       beams: hypotheses kept.
@@ -326,8 +342,8 @@ def beam_search_text(model, prompt: str, num_chars: int, beams: int = 4, *, stop
     Returns:
       list of `beams` (text, score) pairs; score is the sum of the characters' log-probabilities.
     """
-    model = _as_sampler(model)
-    vocab = _vocab_for(model, vocab)
+    model = sampler_of(model)
+    vocab = vocab_of(model.config, vocab)
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
     context = vocab.encode(prompt).reshape(1, len(prompt))

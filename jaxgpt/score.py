@@ -132,11 +132,27 @@ def _check_mode(mode: str, stride: int | None, context_length: int) -> int:
     return int(stride)
 
 
-def _prepared(model):
-    """(config, `engine.StaticGraph`, parameters on the default device) of a GPT, Sampler or path."""
+def sampler_of(model):
+    """`model` as a `jaxgpt.Sampler` (split and placed once): a GPT in eval mode, or a Sampler."""
     from jaxgpt.generate import Sampler
 
-    sampler = model if isinstance(model, Sampler) else Sampler(model)
+    return model if isinstance(model, Sampler) else Sampler(model)
+
+
+def vocab_of(config, vocab: Vocab | str | os.PathLike | None) -> Vocab:
+    """`vocab` (a Vocab or a JSON path; None: the published map), checked against the model's size."""
+    from jaxgpt.vocab import default_vocab
+
+    vocab = default_vocab() if vocab is None else vocab if isinstance(vocab, Vocab) else Vocab.load(vocab)
+    if vocab.size != config.vocab_size:
+        raise ValueError(f"the vocabulary has {vocab.size} characters but the model's vocab_size is "
+                         f"{config.vocab_size}: pass the checkpoint's vocabulary JSON")
+    return vocab
+
+
+def _prepared(model):
+    """(config, `engine.StaticGraph`, parameters on the default device) of a GPT or Sampler."""
+    sampler = sampler_of(model)
     return sampler.config, sampler.graphdef, sampler.state_on(jax.local_devices()[:1])
 
 
@@ -146,7 +162,7 @@ def score_tokens(model, tokens, *, mode: str = "exact", stride: int | None = Non
     """Log-probability of every token of `tokens`, each given the seed token and all before it.
 
     Args:
-      model: a `jaxgpt.GPT` in eval mode, a `jaxgpt.Sampler`, or a checkpoint path.
+      model: a `jaxgpt.GPT` in eval mode, or a `jaxgpt.Sampler` of one.
       tokens: int `(n,)` token ids, n >= 1.
       mode: "exact" (the notebook's window) or "strided" (strided generation's windows).
       stride: strided mode's stride, 1..C (default C // 2).
@@ -216,12 +232,10 @@ def score_tokens(model, tokens, *, mode: str = "exact", stride: int | None = Non
 def score_details(model, text: str, *, vocab: Vocab | str | os.PathLike | None = None, mode: str = "exact",
                   stride: int | None = None, top: int = 5, progress=None) -> Scores:
     """`score` with the `top` likeliest alternatives per character (for the HTML page and the CLI)."""
-    from jaxgpt.generate import Sampler, _vocab_for
-
     if not isinstance(text, str) or not text:
         raise ValueError("text must be a non-empty string")
-    sampler = model if isinstance(model, Sampler) else Sampler(model)
-    tokens = _vocab_for(sampler, vocab).encode(text)
+    sampler = sampler_of(model)
+    tokens = vocab_of(sampler.config, vocab).encode(text)
     return score_tokens(sampler, tokens, mode=mode, stride=stride, top=top, progress=progress)
 
 
@@ -234,7 +248,7 @@ def score(model, text: str, *, vocab: Vocab | str | os.PathLike | None = None, m
     docstring); `mode="strided"` uses strided generation's windowing.
 
     Args:
-      model: a `jaxgpt.GPT` in eval mode, a `jaxgpt.Sampler`, or a checkpoint path.
+      model: a `jaxgpt.GPT` in eval mode, or a `jaxgpt.Sampler` of one.
       text: a non-empty string of vocabulary characters.
       vocab: a `Vocab` or vocabulary JSON path; default: the published 104-character map.
       mode: "exact" or "strided".
