@@ -1,38 +1,35 @@
-"""The compiled generation loop: prefill into a KV cache, then one token per step.
+"""The compiled generation engine: a fixed number of slots, each an independent request.
 
-Token stream S = prompt + generated, kept left-aligned in one fixed-size int32 buffer
-`(B, stream_len)`; step j (absolute, 0-based) appends S[p + j] where p is the prompt length.
-The KV cache holds the keys/values of S[base], S[base + 1], ... at cache positions 0, 1, ...
+JetStream's split: a request's prompt is prefilled alone (`prefill`, batch 1), inserted into a
+free slot (`insert`), and all slots advance together (`generate`, up to `CHUNK` steps per call).
+A slot holds its own KV cache rows, context window, position, sampling values, random stream,
+stop strings and step budget, so rows at different positions, prompt lengths, modes and options
+share every step, and a finished slot can take a new request between two calls.
 
-* Prefill (`start`): the prompt, padded to its bucket, goes through the model once and fills
-  cache positions 0..bucket-1. Pad positions hold junk, but a query at position q only sees
-  positions <= q, and every position < the current length has been rewritten by a real
-  token before it is seen (decoding writes S[L-1] at position L-1 first, then attends).
-* Step j with current length L = p + j (`advance`):
-  - L - base <= C: decode S[L-1] alone at cache position L-1-base, attending to the cache.
-  - L - base > C (the window would overflow): drop the oldest tokens, keeping the last `keep`
-    (S[L-keep:L]), and re-encode them at positions 0..keep-1 with one forward pass that also
-    refills the cache (base = L - keep); only the last position is projected to logits.
-  `keep = C` is the notebook's exact loop: once the window is full every step re-encodes the
-  last C tokens at positions 0..C-1 (learned absolute positions shift, so no cache reuse is
-  possible). `keep = C + 1 - stride` is strided mode: after a refill, `stride - 1` cheap
-  cached steps follow before the next refill.
-* The next token is `sampling.sample(logits, u, params)` with u from (seed, row, j) only.
+One step of a slot whose context (cached positions `length`, plus the `pending` last token) is:
+  * not full (length < C): decode `pending` at position `length` from the cache;
+  * full (length == C): re-encode the window that drops the oldest tokens and keeps the last
+    `keep` (the pending one included) at positions 0..keep-1, refilling the cache. keep = C is
+    the notebook's exact loop (every step once full re-encodes the last C tokens, since learned
+    absolute positions shift); keep = C + 1 - stride is strided mode (stride - 1 cached steps
+    follow each refill).
+and then samples the next token (`jaxgpt.sampling`) from uniform(fold_in(row key, steps done)).
 
-Both functions take the model's `graphdef` as a static argument and its parameters `state`
-as traced arrays; the sampling parameters, the seed, the prompt length and the step
-range are traced too. A compilation happens once per distinct
-  - graphdef (model configuration and variant) and parameter dtype,
-  - batch size B,
-  - padded prompt length (`start`; generate.py rounds it up to a power of two) and stream
-    length (`advance`; generate.py makes it max(C, prompt bucket + num_new bucket)),
-  - `keep` (mode and stride),
-  - placement: the devices and shardings of the inputs (generate.py passes the parameters
-    replicated and the stream split by rows over a data mesh, jaxgpt/sharding.py; XLA then
-    partitions both functions, and the carry comes back split the same way),
-and never for a new seed, temperature, top_k, top_p, prompt content, prompt length within its
-bucket, num_new within its bucket, or chunking. `TRACE_COUNTS` counts traces (one per
-compilation) so tests can prove it.
+Bits: within one slot count N, a row's computation depends only on its own state, never on the
+other slots (the steps are batched but row-independent, the prefill runs alone at batch 1), so
+a request gives the same bits in any slot beside any other requests. Different N are different
+programs whose logits may differ in the last bits.
+
+The loop runs pure decode steps while no live slot needs a refill (no `lax.cond` around the
+cache there: on CPU a cond costs a copy of its operands), then one mixed step (decode for the
+slots with room, refill for the full ones, chosen per row), and so on, until `num_steps` steps
+or until every slot is idle: a batch whose rows have all finished spends no further steps.
+
+Compilation, per model configuration / parameter dtype / devices: `prefill` once per prompt
+bucket (the prompt length minus one, rounded up to a power of two), `insert` once, `generate`
+once per slot count N. Nothing else recompiles: not the prompts, their lengths within a bucket,
+max_chars, seeds, any sampling value, modes and strides, stop strings, logprobs, chunk sizes.
+`TRACE_COUNTS` counts traces so tests can prove it.
 """
 
 from __future__ import annotations
@@ -49,24 +46,24 @@ from jaxgpt.model import KVCache, init_cache
 from jaxgpt.sampling import SamplingParams, row_keys, sample, step_uniforms
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
-"""Number of times `start` / `advance` were traced, i.e. compiled, in this process."""
+"""Number of times each compiled function was traced, i.e. compiled, in this process."""
+
+CHUNK = 32  # steps per `generate` call at most: the length of its output buffers
+MAX_TOP_LOGPROBS = 20  # alternatives reported per character at most
+MAX_STOPS = 4  # stop strings per request
+MAX_STOP_LEN = 32  # characters per stop string
+
+RUNNING, LENGTH, STOP = 0, 1, 2  # `Slots.finish` codes
 
 # XLA:CPU's copy insertion, by default, copies a loop-carried buffer that is both read and
 # updated in place within one iteration unless the data flow alone orders the read first. A
-# decode step reads each block's KV cache (attention) and then writes one position into it,
-# so without region analysis every cache was copied twice per step (24 copies of 129 KB per
-# token at batch 1). Passed only when compiling for CPU devices (see `_for_platform`).
+# decode step reads each block's KV cache and then writes one position into it; without region
+# analysis every cache was copied twice per step. Passed only when compiling for CPU devices.
 COMPILER_OPTIONS = {"cpu": {"xla_cpu_copy_insertion_use_region_analysis": True}}
 
 
 class StaticGraph:
-    """A GraphDef as jit's static argument, hashed once.
-
-    jit hashes its static arguments on every call, and hashing a GraphDef walks the whole
-    module graph (~1 ms for the published model, per call of `start` and of `advance`). Equal
-    graphs still compare equal, so a new StaticGraph of the same configuration reuses the
-    compiled programs.
-    """
+    """A GraphDef as jit's static argument, hashed once (hashing walks the whole module graph)."""
 
     __slots__ = ("graphdef", "_hash")
 
@@ -81,51 +78,101 @@ class StaticGraph:
         return isinstance(other, StaticGraph) and (self.graphdef is other.graphdef or self.graphdef == other.graphdef)
 
 
-def _graph(graphdef) -> nnx.GraphDef:
-    return graphdef.graphdef if isinstance(graphdef, StaticGraph) else graphdef
+def _model(graphdef, state):
+    return nnx.merge(graphdef.graphdef if isinstance(graphdef, StaticGraph) else graphdef, state)
 
 
-class Carry(NamedTuple):
-    """Generation state between compiled chunks.
+class Request(NamedTuple):
+    """One request's initial slot state, as host arrays (built by `jaxgpt.batching`).
 
     Attributes:
-      stream: int32 `(B, stream_len)`; prompt at 0..p-1, step j's token at p + j.
-      cache: KV cache per block (`model.LayerCache`); position q holds S[base + q].
-      base: int32 `()` stream index of cache position 0.
+      window: int32 `(C,)` the prompt without its last token, left-aligned (the cached part).
+      length: int32 `()` its length, 0..C-1.
+      pending: int32 `()` the prompt's last token (the seed token 0 for an empty prompt).
+      budget: int32 `()` tokens to generate at most.
+      seed, stream: uint32 `()` the random stream.
+      keep: int32 `()` tokens kept at a refill (C exact, C + 1 - stride strided).
+      params: `SamplingParams` of one row (scalars, logit_bias `(V,)`).
+      stops: int32 `(MAX_STOPS, MAX_STOP_LEN)` stop strings, right-aligned, -1 padded.
+      stop_lengths: int32 `(MAX_STOPS,)` their lengths (0: unused).
+      top_n: int32 `()` log-probabilities wanted: -1 none, 0 the chosen token's, n > 0 also the
+        n likeliest alternatives.
     """
 
+    window: jax.Array
+    length: jax.Array
+    pending: jax.Array
+    budget: jax.Array
+    seed: jax.Array
     stream: jax.Array
-    cache: KVCache
-    base: jax.Array
+    keep: jax.Array
+    params: SamplingParams
+    stops: jax.Array
+    stop_lengths: jax.Array
+    top_n: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("config", "batch", "dtype", "rows"))
-def new_cache(config, batch: int, dtype, rows: jax.sharding.Sharding | None = None) -> KVCache:
-    """A zero KV cache for `batch` rows (`model.init_cache`), its rows placed as `rows` says.
+class Slots(NamedTuple):
+    """The state of N slots between compiled calls (every field has N rows first).
 
-    Args:
-      config: the model's `GPTConfig` (static, as all arguments).
-      batch: rows B.
-      dtype: the parameters' dtype.
-      rows: optional placement of the rows (the stream's `NamedSharding` on several devices).
+    Attributes:
+      cache: KV cache; row b holds the keys and values of window[b, :length[b]].
+      window: int32 `(N, C)` the tokens at cache positions 0..length-1.
+      length: int32 `(N,)` cached positions.
+      pending: int32 `(N,)` the last token, not yet in the cache.
+      done: int32 `(N,)` tokens generated so far (the random stream's step index).
+      budget: int32 `(N,)` tokens to generate at most.
+      active: bool `(N,)` slot busy and not finished.
+      keys: `(N,)` random keys, fold_in(key(seed), stream).
+      keep, params, stops, stop_lengths, top_n: as in `Request`, per row.
+      recent: int32 `(N, MAX_STOP_LEN)` the last generated tokens (-1 before any), for stops.
+      finish: int32 `(N,)` RUNNING, LENGTH or STOP.
+      stop_length: int32 `(N,)` length of the stop string that finished the row (0 if none).
     """
-    cache = init_cache(config, batch, dtype=dtype)
-    if isinstance(rows, jax.sharding.NamedSharding):
-        cache = jax.lax.with_sharding_constraint(cache, rows)
-    return cache
+
+    cache: KVCache
+    window: jax.Array
+    length: jax.Array
+    pending: jax.Array
+    done: jax.Array
+    budget: jax.Array
+    active: jax.Array
+    keys: jax.Array
+    keep: jax.Array
+    params: SamplingParams
+    stops: jax.Array
+    stop_lengths: jax.Array
+    top_n: jax.Array
+    recent: jax.Array
+    finish: jax.Array
+    stop_length: jax.Array
+
+
+class Chunk(NamedTuple):
+    """What one `generate` call produced: column i is the call's step i.
+
+    Attributes:
+      tokens: int32 `(N, CHUNK)`.
+      valid: bool `(N, CHUNK)` the slot was live at that step (its token is real).
+      logprobs: float32 `(N, CHUNK)` log-probability of each token (rows with top_n >= 0).
+      top_ids: int32 `(N, CHUNK, L)` likeliest tokens, most likely first (L = min(MAX_TOP_LOGPROBS, V)).
+      top_logprobs: float32 `(N, CHUNK, L)` their log-probabilities.
+    """
+
+    tokens: jax.Array
+    valid: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
 
 
 def _for_platform(fn, **jit_kwargs):
-    """`fn` jitted once per platform, with that platform's `COMPILER_OPTIONS`.
-
-    Returns a function that runs the program of the platform the parameters (`state`, the
-    second argument) live on; it keeps `fn`'s name, docstring and, as `__wrapped__`, `fn`.
-    """
+    """`fn` jitted once per platform (that of its `state` argument), with its `COMPILER_OPTIONS`."""
     programs: dict[str, Callable] = {}
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        leaf = jax.tree.leaves(args[1] if len(args) > 1 else kwargs["state"])[0]
+        leaf = jax.tree.leaves(args[1])[0]
         platform = (next(iter(leaf.sharding.device_set)).platform if isinstance(leaf, jax.Array)
                     else jax.default_backend())
         if platform not in programs:
@@ -135,99 +182,190 @@ def _for_platform(fn, **jit_kwargs):
     return run
 
 
-def start(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, cache: KVCache) -> KVCache:
-    """Clears `cache` in place, then prefills it with the prompt but its last token, at 0..P-1.
+def empty_slots(config, slots: int, dtype, rows: jax.sharding.Sharding | None = None) -> Slots:
+    """N idle slots (zero cache, inactive), their rows placed as `rows` says."""
+    return _empty_slots(config, slots, dtype, rows)
 
-    The last prompt token is left out because generation step 0 decodes it anyway (to get the
-    logits of the first new token); a one-token prompt therefore prefills nothing (P = 0).
+
+@functools.partial(jax.jit, static_argnames=("config", "slots", "dtype", "rows"))
+def _empty_slots(config, slots, dtype, rows):
+    n, c, v = slots, config.context_length, config.vocab_size
+    zeros = lambda dt, *shape: jnp.zeros((n, *shape), dt)  # noqa: E731
+    state = Slots(
+        cache=init_cache(config, n, dtype), window=zeros(jnp.int32, c), length=zeros(jnp.int32),
+        pending=zeros(jnp.int32), done=zeros(jnp.int32), budget=zeros(jnp.int32), active=zeros(bool),
+        keys=row_keys(jnp.zeros(n, jnp.uint32), jnp.arange(n, dtype=jnp.uint32)),
+        keep=jnp.full((n,), c, jnp.int32),
+        params=SamplingParams(jnp.ones(n), jnp.full((n,), v, jnp.int32), jnp.ones(n), zeros(jnp.float32),
+                              jnp.ones(n), zeros(jnp.float32, v)),
+        stops=jnp.full((n, MAX_STOPS, MAX_STOP_LEN), -1, jnp.int32), stop_lengths=zeros(jnp.int32, MAX_STOPS),
+        top_n=jnp.full((n,), -1, jnp.int32), recent=jnp.full((n, MAX_STOP_LEN), -1, jnp.int32),
+        finish=zeros(jnp.int32), stop_length=zeros(jnp.int32))
+    if isinstance(rows, jax.sharding.NamedSharding):
+        state = jax.lax.with_sharding_constraint(state, rows)
+    return state
+
+
+def prefill(graphdef, state: nnx.State, tokens: jax.Array) -> KVCache:
+    """The KV cache of one prompt alone: tokens int32 `(1, P)`, P >= 1 (its bucket, right-padded).
+
+    Padding positions hold junk, but generation overwrites each before any query can see it.
+    """
+    TRACE_COUNTS["prefill"] += 1
+    model = _model(graphdef, state)
+    return model.prefill(tokens, init_cache(model.config, 1, state_dtype(state)))
+
+
+prefill = _for_platform(prefill, static_argnames=("graphdef",))
+
+
+def state_dtype(state: nnx.State):
+    return jax.tree.leaves(state)[0].dtype
+
+
+def insert(slots: Slots, request: Request, cache: KVCache | None, slot) -> Slots:
+    """Places `request` into `slot` (traced int): its row of every field, and its cache row.
 
     Args:
-      graphdef, state: `nnx.split(model)` of a GPT in eval mode (graphdef plain or in a
-        `StaticGraph`).
-      prompt: int32 `(B, P)`, the prompt without its last token, left-aligned and padded to
-        its bucket (0 <= P <= C).
-      cache: a KV cache of B rows to reuse (from `new_cache`, or a finished generation's
-        carry); donated. Reusing memory XLA:CPU already holds avoids the page faults of fresh
-        memory (batch 64: 99 MB, ~14 ms fresh against ~5 ms in place).
-
-    Returns:
-      The KV cache; with the stream (the prompt at its head) and base 0 it makes the
-      initial `Carry`.
+      slots: the current slots; donated.
+      request: the request's initial state (`Request`).
+      cache: the request's prefilled cache (`prefill`, one row), or None for a one-token
+        prompt (nothing cached: the slot's cache row is zeroed).
+      slot: int32 `()`.
     """
-    TRACE_COUNTS["start"] += 1
-    model = nnx.merge(_graph(graphdef), state)
-    # Zeros, not stale values: unwritten positions are masked out of the attention scores, but
-    # the values are still multiplied by their zero weights, and 0 * NaN would be NaN.
-    cache = jax.tree.map(jnp.zeros_like, cache)
-    if prompt.shape[1] > 0:
-        cache = model.prefill(prompt, cache)
-    return cache
+    TRACE_COUNTS["insert"] += 1
+
+    def put(field, value):
+        return jax.lax.dynamic_update_index_in_dim(field, jnp.asarray(value, field.dtype), slot, axis=0)
+
+    if cache is None:  # zeros, not stale values: masked positions still meet 0-weights, and 0 * NaN = NaN
+        cache = jax.tree.map(lambda a: jnp.zeros((1, *a.shape[1:]), a.dtype), slots.cache)
+    r = request
+    return Slots(
+        cache=jax.tree.map(lambda a, row: jax.lax.dynamic_update_slice_in_dim(a, row.astype(a.dtype), slot, 0),
+                           slots.cache, cache),
+        window=put(slots.window, r.window), length=put(slots.length, r.length), pending=put(slots.pending, r.pending),
+        done=put(slots.done, 0), budget=put(slots.budget, r.budget), active=put(slots.active, True),
+        keys=put(slots.keys, row_keys(r.seed[None], r.stream[None])[0]), keep=put(slots.keep, r.keep),
+        params=jax.tree.map(put, slots.params, r.params), stops=put(slots.stops, r.stops),
+        stop_lengths=put(slots.stop_lengths, r.stop_lengths), top_n=put(slots.top_n, r.top_n),
+        recent=put(slots.recent, jnp.full((MAX_STOP_LEN,), -1)), finish=put(slots.finish, RUNNING),
+        stop_length=put(slots.stop_length, 0))
 
 
-# keep_unused: the cache's values are never read (it is cleared), and jit would otherwise drop
-# the argument, and with it the donation that lets the output reuse its memory.
-START_JIT = dict(static_argnames=("graphdef",), donate_argnames=("cache",), keep_unused=True)
-start = _for_platform(start, **START_JIT)
+insert = jax.jit(insert, donate_argnames=("slots",))
 
 
-def advance(graphdef: nnx.GraphDef, state: nnx.State, carry: Carry, prompt_len: jax.Array,
-            first: jax.Array, last: jax.Array, seed: jax.Array, params: SamplingParams, *, keep: int,
-            first_row: jax.Array | int = 0) -> Carry:
-    """Runs steps first..last-1 (absolute step indices, traced) in one `lax` loop.
+def release(slots: Slots, slot) -> Slots:
+    """Marks `slot` idle (a cancelled request): it takes no further steps."""
+    return slots._replace(active=slots.active.at[slot].set(False))
+
+
+release = jax.jit(release, donate_argnames=("slots",))
+
+
+def generate(graphdef, state: nnx.State, slots: Slots, num_steps) -> tuple[Slots, Chunk]:
+    """Advances every active slot by up to `num_steps` (traced, <= CHUNK) steps.
 
     Args:
-      graphdef, state: `nnx.split(model)` of a GPT in eval mode.
-      carry: state after step first-1 (from `start` or a previous `advance`); donated.
-      prompt_len: int32 `()` true prompt length p (1..C).
-      first, last: int32 `()` step range.
-      seed: uint32 `()`; row r's uniform at step j comes from fold_in(fold_in(key(seed), r), j).
-      params: traced `SamplingParams`.
-      keep: tokens kept when the window overflows: C (exact) or C + 1 - stride (strided).
-      first_row: global index of this batch's first row (traced; nonzero when a batch is split
-        over devices, so that every row keeps its own random stream).
+      graphdef, state: `nnx.split` of a GPT in eval mode (graphdef plain or a `StaticGraph`).
+      slots: the current slots; donated.
+      num_steps: int32 `()`.
 
     Returns:
-      The `Carry` after step last-1; tokens at stream[:, p + first : p + last].
+      The slots after the last step, and the `Chunk` of tokens (and log-probabilities) produced.
     """
-    TRACE_COUNTS["advance"] += 1
-    model = nnx.merge(_graph(graphdef), state)
-    window = model.config.context_length
-    keys = row_keys(seed, carry.stream.shape[0], first_row)
+    TRACE_COUNTS["generate"] += 1
+    model = _model(graphdef, state)
+    c = model.config.context_length
+    n, v = slots.length.shape[0], model.config.vocab_size
+    top = min(MAX_TOP_LOGPROBS, v)
+    out = Chunk(jnp.zeros((n, CHUNK), jnp.int32), jnp.zeros((n, CHUNK), bool), jnp.zeros((n, CHUNK)),
+                jnp.zeros((n, CHUNK, top), jnp.int32), jnp.zeros((n, CHUNK, top)))
 
-    def append(carry: Carry, j, logits) -> Carry:
-        token = sample(logits, step_uniforms(keys, j), params)  # (B,)
-        stream = jax.lax.dynamic_update_slice_in_dim(carry.stream, token[:, None], prompt_len + j, axis=1)
-        return carry._replace(stream=stream)
+    def needs_refill(s):
+        return s.active & (s.length >= c)
 
-    def decode_step(j, carry: Carry) -> Carry:
-        position = prompt_len + j - 1  # of the last token in the stream
-        token = jax.lax.dynamic_slice_in_dim(carry.stream, position, 1, axis=1)  # (B, 1)
-        rows = jnp.full((token.shape[0],), position - carry.base, jnp.int32)
-        logits, cache = model.decode(token, carry.cache, rows)
-        return append(carry._replace(cache=cache), j, logits)
+    def decode(s: Slots, rows):  # decode `pending` for the rows with room (others: junk, discarded)
+        logits, cache = model.decode(s.pending[:, None], s.cache, jnp.minimum(s.length, c - 1))
+        grow = rows & (s.length < c)
+        window = jnp.where(grow[:, None] & (jnp.arange(c) == s.length[:, None]), s.pending[:, None], s.window)
+        return s._replace(cache=cache, window=window, length=s.length + grow), logits
 
-    def refill_step(j, carry: Carry) -> Carry:
-        base = prompt_len + j - keep
-        context = jax.lax.dynamic_slice_in_dim(carry.stream, base, keep, axis=1)  # (B, keep)
-        logits, cache = model.encode_window(context, carry.cache, jnp.full((context.shape[0],), keep - 1, jnp.int32))
-        return append(Carry(carry.stream, cache, base), j, logits)
+    def refill(s: Slots):  # re-encode the last `keep` tokens of the full rows at 0..keep-1
+        full = needs_refill(s)
+        index = jnp.arange(c) + (c + 1 - s.keep)[:, None]  # window[index] for positions < keep - 1
+        window = jnp.take_along_axis(s.window, jnp.minimum(index, c - 1), axis=1)
+        window = jnp.where(jnp.arange(c) == (s.keep - 1)[:, None], s.pending[:, None], window)
+        window = jnp.where(jnp.arange(c) < s.keep[:, None], window, 0)
+        logits, cache = model.encode_window(window, s.cache, s.keep - 1)
+        cache = jax.tree.map(lambda new, old: jnp.where(full.reshape(-1, 1, 1, 1), new, old), cache, s.cache)
+        s = s._replace(cache=cache, window=jnp.where(full[:, None], window, s.window),
+                       length=jnp.where(full, s.keep, s.length))
+        return s, logits
 
-    def decode_run(j, carry: Carry):
-        # Step j decodes from the cache while the window has room: p + j - base <= C.
-        end = jnp.minimum(last, window + carry.base - prompt_len + 1)
-        return jax.lax.fori_loop(j, end, decode_step, carry), jnp.maximum(j, end)
+    def decode_step(loop):
+        i, s, out = loop
+        s, logits = decode(s, s.active)
+        return _emit(i, s, logits, out)
 
-    def segment(loop):  # one refill, then the cached steps it makes possible (none when keep = C)
-        j, carry = loop
-        carry, j = decode_run(j + 1, refill_step(j, carry))
-        return j, carry
+    def mixed_step(loop):  # some live slot is full; the others may decode
+        i, s, out = loop
+        full = needs_refill(s)
+        rows = s.active & ~full
+        s, decoded = jax.lax.cond(jnp.any(rows), lambda s: decode(s, rows),
+                                  lambda s: (s, jnp.zeros((n, v), jnp.float32)), s)
+        s, refilled = refill(s)
+        return _emit(i, s, jnp.where(full[:, None], refilled, decoded), out)
 
-    # Two loops rather than a per-step lax.cond: a cond around the cache costs ~20% per
-    # cached step on CPU.
-    carry, j = decode_run(first, carry)
-    _, carry = jax.lax.while_loop(lambda loop: loop[0] < last, segment, (j, carry))
-    return carry
+    def running(loop):
+        return (loop[0] < num_steps) & jnp.any(loop[1].active)
+
+    def decode_run(loop):  # pure decode steps while no live slot is full
+        return jax.lax.while_loop(lambda l: running(l) & ~jnp.any(needs_refill(l[1])), decode_step, loop)
+
+    loop = decode_run((jnp.int32(0), slots, out))
+    # Here either the run is over or some live slot is full: a mixed step, then decode again.
+    _, slots, out = jax.lax.while_loop(running, lambda l: decode_run(mixed_step(l)), loop)
+    return slots, out
 
 
-ADVANCE_JIT = dict(static_argnames=("graphdef", "keep"), donate_argnames=("carry",))
-advance = _for_platform(advance, **ADVANCE_JIT)
+def _emit(i, s: Slots, logits, out: Chunk):
+    """Samples each live slot's next token from `logits` `(N, V)` and records it at column i."""
+    live = s.active
+    token = sample(logits, step_uniforms(s.keys, s.done), s.params, s.window, s.length)
+
+    def logprobs(out: Chunk):
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # the model's own distribution
+        top_lp, top_ids = jax.lax.top_k(lp, out.top_ids.shape[-1])
+        chosen = jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
+        return out._replace(logprobs=out.logprobs.at[:, i].set(chosen), top_ids=out.top_ids.at[:, i].set(top_ids),
+                            top_logprobs=out.top_logprobs.at[:, i].set(top_lp))
+
+    out = jax.lax.cond(jnp.any(live & (s.top_n >= 0)), logprobs, lambda o: o, out)
+    out = out._replace(tokens=out.tokens.at[:, i].set(token), valid=out.valid.at[:, i].set(live))
+    recent = jnp.where(live[:, None], jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1), s.recent)
+    matched = jax.lax.cond(jnp.any(live[:, None] & (s.stop_lengths > 0)), _stop_match,
+                           lambda *_: jnp.zeros_like(s.stop_length), recent, s.stops, s.stop_lengths)
+    done = s.done + live
+    stopped = live & (matched > 0)
+    exhausted = live & ~stopped & (done >= s.budget)
+    s = s._replace(pending=jnp.where(live, token, s.pending), done=done, recent=recent,
+                   active=live & ~stopped & ~exhausted,
+                   finish=jnp.where(stopped, STOP, jnp.where(exhausted, LENGTH, s.finish)),
+                   stop_length=jnp.where(stopped, matched, s.stop_length))
+    return i + 1, s, out
+
+
+def _stop_match(recent, stops, lengths):
+    """Length of the longest stop string the recent tokens end with, per row (0: none).
+
+    recent `(N, S)`, stops `(N, M, S)` right-aligned, lengths `(N, M)`.
+    """
+    s = recent.shape[-1]
+    counted = jnp.arange(s) >= (s - lengths)[..., None]  # (N, M, S)
+    hit = (lengths > 0) & jnp.all((recent[:, None] == stops) | ~counted, axis=-1)  # (N, M)
+    return jnp.max(jnp.where(hit, lengths, 0), axis=-1)
+
+
+generate = _for_platform(generate, static_argnames=("graphdef",), donate_argnames=("slots",))

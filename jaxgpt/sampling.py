@@ -1,36 +1,34 @@
-"""Next-token sampling: temperature, top-k, top-p (nucleus) and greedy, by inverse CDF.
+"""Next-token sampling, one rule for every row of a batch, each row with its own values.
 
-Every method draws the next token the same way, so that a torch loop fed the same uniforms
-picks the same tokens (`porting.torch_reference.filter_logits` + `inverse_cdf_pick` are the
-torch twins of `filter_logits` + `inverse_cdf_pick` here):
+The rule, in this order (`porting.torch_reference.adjust_logits`, `filter_logits` and
+`inverse_cdf_pick` are its torch twins, so a torch loop fed the same uniforms picks the same
+tokens):
 
-1. logits / temperature;
-2. top-k: keep every logit >= the k-th largest (ties are kept, so more than k may survive);
-3. top-p: in descending probability order keep each token whose *preceding* cumulative mass
-   is < p (the most likely token always survives); skipped entirely when p == 1;
-4. the first index whose cumulative probability exceeds u * total, for one uniform u in [0, 1).
+1. logits + logit_bias (a bias of -inf bans a character);
+2. repetition penalty (CTRL / Hugging Face): for each character present in the current window,
+   a positive logit is divided by the penalty, a negative one multiplied;
+3. greedy rows (temperature 0 or top_k 1) take the argmax of these logits (first on ties);
+   the others continue:
+4. / temperature;
+5. top-k: keep every logit >= the k-th largest (ties kept, so more than k may survive);
+6. top-p: in descending probability order keep each token whose *preceding* cumulative mass is
+   < p (the most likely token always survives);
+7. min-p: keep the tokens whose probability is >= min_p x the top probability;
+8. the first index whose cumulative probability exceeds u * total, for one uniform u in [0, 1).
 
-Temperature 0 or top_k == 1 is greedy: argmax of the raw logits (first index on ties).
-Temperature 1 without filtering draws from softmax(logits), the distribution of the
-notebook's `torch.multinomial` (same distribution, different random stream).
+Temperature 1 without filters draws from softmax(logits), the distribution of the notebook's
+`torch.multinomial` (same distribution, different random stream). Every parameter is a traced
+per-row array (`SamplingParams`), so no value ever recompiles; each step skips the sorts and
+masks no row asks for (a `lax.cond` on the batch), and a skipped step gives the same bits.
 
-The parameters are *traced*: `SamplingParams` is a NamedTuple of scalar arrays, so changing
-temperature, top_k or top_p never recompiles the generation loop. The frozen dataclasses
-(`Multinomial`, `Greedy`, `TopK`, `TopP`, `Sampling`) are the user-facing view in the style of
-gemma's `gm.text` samplers: `method.get_next_tokens(logits, rng)`; they all lower to the one
-jitted `sample` function with their values as arguments.
-
-Randomness is keyed only by (seed, row, absolute step): `step_uniforms(row_keys(seed, B), j)`.
-Rows are independent and a row's stream does not depend on the batch size, on how generation
-is chunked, or on how rows are placed on devices. `sampling_uniforms` returns the same values
-as an array, to feed the torch reference loop.
+Randomness: row r's uniform at its step j is uniform(fold_in(fold_in(key(seed_r), stream_r), j));
+`row_keys` makes the per-row keys, `sampling_uniforms` returns the numbers for a torch loop.
+The log-probabilities reported with a token are log_softmax of the raw logits (the model's own
+distribution, before any of the steps above).
 """
 
 from __future__ import annotations
 
-import abc
-import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
@@ -39,94 +37,98 @@ import numpy as np
 
 
 class SamplingParams(NamedTuple):
-    """Traced sampling parameters (scalars; a pytree, so jit traces rather than hashes them).
+    """Per-row sampling values; every field is traced.
 
     Attributes:
-      temperature: float32 `()` (numpy or jax); 0 means greedy.
-      top_k: int32 `()`; vocab_size (or more) means no top-k filtering; 1 means greedy.
-      top_p: float32 `()` in (0, 1]; 1 means no nucleus filtering.
+      temperature: float32 `(B,)`; 0 is greedy.
+      top_k: int32 `(B,)`; vocab_size means no top-k filter; 1 is greedy.
+      top_p: float32 `(B,)` in (0, 1]; 1 means no nucleus filter.
+      min_p: float32 `(B,)` in [0, 1]; 0 means no min-p filter.
+      repetition_penalty: float32 `(B,)` > 0; 1 means none.
+      logit_bias: float32 `(B, V)` added to the logits; 0 means none, -inf bans.
     """
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    logit_bias: jax.Array
 
 
-def make_params(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                *, vocab_size: int) -> SamplingParams:
-    """Validates user values and packs them as traced `SamplingParams`.
-
-    Raises:
-      ValueError: temperature < 0 or not finite, top_k < 1, top_p outside (0, 1].
-    """
-    temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if top_k is not None:
-        if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    if top_p is not None:
-        top_p = float(top_p)
-        if not 0.0 < top_p <= 1.0:  # also rejects NaN
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    k = vocab_size if top_k is None else min(int(top_k), vocab_size)
-    # numpy scalars: traced by jit like jax arrays, but built without an eager jax dispatch.
-    return SamplingParams(np.float32(temperature), np.int32(k), np.float32(1.0 if top_p is None else top_p))
-
-
-# ----------------------------------------------------------------------------- the draw
-def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
-    """Temperature, then top-k (ties kept), then top-p; removed entries become -inf.
+def adjust_logits(logits: jax.Array, params: SamplingParams, window=None, length=None) -> jax.Array:
+    """Steps 1-2: bias, then the repetition penalty over each row's current window.
 
     Args:
-      logits: float `(..., V)`.
-      params: `SamplingParams`; temperature must be > 0 here (greedy is handled by `sample`).
-
-    Returns:
-      float32 `(..., V)` filtered logits.
+      logits: float `(B, V)`.
+      params: `SamplingParams` of B rows.
+      window: int `(B, C)` tokens of each row's current context (positions < length[b] count),
+        or None (no repetition penalty).
+      length: int `(B,)` the windows' lengths.
     """
-    logits = logits.astype(jnp.float32) / params.temperature
-    # Each filter sorts the vocabulary, so each runs only when asked for (a cond on the traced
-    # parameter: no recompile); unfiltered, a step skips two sorts and a scatter.
-    logits = jax.lax.cond(params.top_k < logits.shape[-1], _top_k, lambda x, _: x, logits, params.top_k)
-    return jax.lax.cond(params.top_p < 1.0, _top_p, lambda x, _: x, logits, params.top_p)
+    logits = logits.astype(jnp.float32) + params.logit_bias
+    if window is None:
+        return logits
+
+    def penalise(x):
+        valid = jnp.arange(window.shape[1]) < length[:, None]  # (B, C)
+        present = jnp.any((window[..., None] == jnp.arange(x.shape[-1])) & valid[..., None], axis=1)  # (B, V)
+        p = params.repetition_penalty[:, None]
+        return jnp.where(present, jnp.where(x > 0, x / p, x * p), x)
+
+    return jax.lax.cond(jnp.any(params.repetition_penalty != 1), penalise, lambda x: x, logits)
+
+
+def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """Steps 4-7: temperature (> 0 here), top-k, top-p, min-p; removed entries become -inf.
+
+    Each filter sorts or reduces the vocabulary, so each runs only when some row asks for it.
+    """
+    logits = logits / params.temperature[:, None]
+    v = logits.shape[-1]
+    logits = jax.lax.cond(jnp.any(params.top_k < v), _top_k, lambda x, _: x, logits, params.top_k)
+    logits = jax.lax.cond(jnp.any(params.top_p < 1.0), _top_p, lambda x, _: x, logits, params.top_p)
+    return jax.lax.cond(jnp.any(params.min_p > 0.0), _min_p, lambda x, _: x, logits, params.min_p)
 
 
 def _top_k(logits: jax.Array, top_k: jax.Array) -> jax.Array:
-    """Removes (-inf) every logit below the k-th largest; ties with it are kept."""
+    """Removes every logit below its row's k-th largest; ties with it are kept."""
     v = logits.shape[-1]
-    # k-th largest = element V-k of the ascending sort; k >= V keeps everything.
-    k = jnp.clip(top_k, 1, v)
-    ascending = jnp.sort(logits, axis=-1)
-    kth = jnp.take_along_axis(ascending, jnp.broadcast_to(v - k, logits.shape[:-1] + (1,)), axis=-1)
+    k = jnp.clip(top_k, 1, v)  # k-th largest = element V-k of the ascending sort
+    kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), (v - k)[:, None], axis=-1)
     return jnp.where(logits < kth, -jnp.inf, logits)
 
 
 def _top_p(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     """Removes each token whose strictly more probable tokens already hold mass >= top_p.
 
-    Stable order on ties, as torch's stable descending sort. Only called for top_p < 1, as the
-    torch twin does, since rounding could otherwise push the preceding mass of a negligible
-    tail token to 1.0.
+    Stable order on ties, as torch's stable descending sort. Rows with top_p == 1 are left
+    untouched (rounding could otherwise push a negligible tail token's preceding mass to 1.0).
     """
     probs = jax.nn.softmax(logits, axis=-1)
     order = jnp.argsort(-probs, axis=-1, stable=True)
     sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
     before_sorted = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    before = jnp.zeros_like(before_sorted)
-    before = jnp.put_along_axis(before, order, before_sorted, axis=-1, inplace=False)
-    return jnp.where(before >= top_p, -jnp.inf, logits)
+    before = jnp.put_along_axis(jnp.zeros_like(before_sorted), order, before_sorted, axis=-1, inplace=False)
+    return jnp.where((before >= top_p[:, None]) & (top_p[:, None] < 1.0), -jnp.inf, logits)
+
+
+def _min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Removes the tokens whose probability is below min_p x the row's top probability."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    threshold = min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(probs < threshold, -jnp.inf, logits)
 
 
 def inverse_cdf_pick(logits: jax.Array, u: jax.Array) -> jax.Array:
     """First index whose cumulative probability exceeds u * total.
 
     Args:
-      logits: float `(..., V)` (entries may be -inf).
-      u: float `(...)` uniforms in [0, 1).
+      logits: float `(B, V)` (entries may be -inf).
+      u: float `(B,)` uniforms in [0, 1).
 
     Returns:
-      int32 `(...)` token ids.
+      int32 `(B,)` token ids.
     """
     cdf = jnp.cumsum(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
     threshold = u[..., None].astype(jnp.float32) * cdf[..., -1:]
@@ -134,44 +136,37 @@ def inverse_cdf_pick(logits: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.minimum(index, logits.shape[-1] - 1)
 
 
-def is_greedy(params: SamplingParams) -> jax.Array:
-    return (params.temperature == 0) | (params.top_k == 1)
-
-
-def sample(logits: jax.Array, u: jax.Array, params: SamplingParams) -> jax.Array:
-    """The next token of each row: greedy, or inverse CDF of the filtered distribution.
+def sample(logits: jax.Array, u: jax.Array, params: SamplingParams, window=None, length=None) -> jax.Array:
+    """The next token of each row by the rule above.
 
     Args:
-      logits: float `(..., V)`.
-      u: float `(...)` one uniform in [0, 1) per row (unused when greedy).
-      params: traced `SamplingParams`.
+      logits: float `(B, V)` raw logits.
+      u: float32 `(B,)` one uniform in [0, 1) per row (unused by greedy rows).
+      params: `SamplingParams` of B rows.
+      window, length: each row's current context for the repetition penalty (`adjust_logits`).
 
     Returns:
-      int32 `(...)` token ids.
+      int32 `(B,)` token ids.
     """
-    greedy = is_greedy(params)
-    # A placeholder temperature keeps the (discarded) sampling branch free of inf/NaN.
+    adjusted = adjust_logits(logits, params, window, length)
+    greedy = (params.temperature == 0) | (params.top_k == 1)
+    # A placeholder temperature keeps the greedy rows' discarded draw free of inf/NaN.
     safe = params._replace(temperature=jnp.where(greedy, 1.0, params.temperature))
-    drawn = inverse_cdf_pick(filter_logits(logits, safe), u)
-    return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
-
-
-_sample_jit = jax.jit(sample)
+    drawn = inverse_cdf_pick(filter_logits(adjusted, safe), u)
+    return jnp.where(greedy, jnp.argmax(adjusted, axis=-1).astype(jnp.int32), drawn)
 
 
 # ----------------------------------------------------------------------------- randomness
-def row_keys(seed, batch: int, first_row=0) -> jax.Array:
-    """One key per row: fold_in(key(seed), row) for rows first_row..first_row+batch-1. `(B,)` keys.
-
-    `seed` (< 2**32) and `first_row` may be traced; `batch` is static.
-    """
-    base = jax.random.key(jnp.asarray(seed, jnp.uint32))
-    return jax.vmap(lambda r: jax.random.fold_in(base, r))(first_row + jnp.arange(batch))
+def row_keys(seeds, streams) -> jax.Array:
+    """One key per row: fold_in(key(seed_r), stream_r). `seeds`, `streams`: uint32 `(B,)`; keys `(B,)`."""
+    return jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(
+        jnp.asarray(seeds, jnp.uint32), jnp.asarray(streams, jnp.uint32))
 
 
-def step_uniforms(keys: jax.Array, step) -> jax.Array:
-    """The uniforms of absolute step `step` (traced int ok) for each row key: float32 `(B,)`."""
-    return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (), jnp.float32))(keys)
+def step_uniforms(keys: jax.Array, steps) -> jax.Array:
+    """The uniforms of each row's step `steps[r]` (int `(B,)`, or one int for all): float32 `(B,)`."""
+    steps = jnp.broadcast_to(jnp.asarray(steps), keys.shape)
+    return jax.vmap(lambda k, j: jax.random.uniform(jax.random.fold_in(k, j), (), jnp.float32))(keys, steps)
 
 
 @jax.jit
@@ -179,77 +174,20 @@ def _uniform_table(keys, steps):
     return jax.vmap(lambda j: step_uniforms(keys, j), out_axes=1)(steps)
 
 
-def sampling_uniforms(seed: int, batch: int, num_steps: int, first_step: int = 0) -> np.ndarray:
-    """The uniforms generation draws for `seed`: float32 `(batch, num_steps)`.
+def sampling_uniforms(seed, batch: int, num_steps: int, first_step: int = 0, *, streams=None) -> np.ndarray:
+    """The uniforms generation draws: float32 `(batch, num_steps)`, column j = step first_step + j.
 
-    Column j is absolute step first_step + j (step 0 picks the first generated token). Feed
-    them to `porting.torch_reference.inverse_cdf_generate` to reproduce jaxgpt's tokens in torch.
+    Args:
+      seed: one seed (row r then uses stream r, as a scalar seed does in `jaxgpt.complete`), or
+        one seed per row (each with stream 0, as a list of seeds does).
+      batch: rows.
+      num_steps, first_step: the steps (step 0 picks the first generated token).
+      streams: explicit per-row stream numbers (overrides the defaults above).
+
+    Feed them to `porting.torch_reference.inverse_cdf_generate` to reproduce jaxgpt's tokens.
     """
+    seeds = np.broadcast_to(np.asarray(seed, np.uint32), (batch,))
+    if streams is None:
+        streams = np.arange(batch) if np.ndim(seed) == 0 else np.zeros(batch)
     steps = jnp.arange(first_step, first_step + num_steps)
-    return np.array(_uniform_table(row_keys(seed, batch), steps))  # a writable copy
-
-
-# ----------------------------------------------------------------------------- user-facing views
-class SamplingMethod(abc.ABC):
-    """A sampling rule. `get_next_tokens(logits (..., V), rng) -> (...)` int32 token ids."""
-
-    @abc.abstractmethod
-    def params(self, vocab_size: int) -> SamplingParams:
-        """The traced parameters this method stands for."""
-
-    def get_next_tokens(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
-        """Samples one token per row; `rng` is one key, split into one uniform per row."""
-        u = jax.random.uniform(rng, logits.shape[:-1], jnp.float32)
-        return _sample_jit(logits, u, self.params(logits.shape[-1]))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Sampling(SamplingMethod):
-    """The general rule: temperature, then optional top-k, then optional top-p."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def params(self, vocab_size: int) -> SamplingParams:
-        return make_params(self.temperature, self.top_k, self.top_p, vocab_size=vocab_size)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Multinomial(SamplingMethod):
-    """The notebook's draw from softmax(logits / temperature) (temperature 1 = the notebook)."""
-
-    temperature: float = 1.0
-
-    def params(self, vocab_size: int) -> SamplingParams:
-        return make_params(self.temperature, vocab_size=vocab_size)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Greedy(SamplingMethod):
-    """The most likely token (first on ties)."""
-
-    def params(self, vocab_size: int) -> SamplingParams:
-        return make_params(0.0, vocab_size=vocab_size)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TopK(SamplingMethod):
-    """Draw among the logits >= the k-th largest (ties kept)."""
-
-    k: int = 40
-    temperature: float = 1.0
-
-    def params(self, vocab_size: int) -> SamplingParams:
-        return make_params(self.temperature, self.k, vocab_size=vocab_size)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TopP(SamplingMethod):
-    """Nucleus sampling: the most likely tokens whose preceding cumulative mass is < p."""
-
-    p: float = 0.9
-    temperature: float = 1.0
-
-    def params(self, vocab_size: int) -> SamplingParams:
-        return make_params(self.temperature, top_p=self.p, vocab_size=vocab_size)
+    return np.array(_uniform_table(row_keys(seeds, np.asarray(streams, np.uint32)), steps))  # writable copy

@@ -192,12 +192,35 @@ def notebook_generate(model, new_chars, context, context_length, int_to_char=Non
     return tokens
 
 
-def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
-    """Temperature, then top-k, then top-p (nucleus), as jaxgpt.sampling defines them.
+def adjust_logits(logits, logit_bias=None, repetition_penalty=None, windows=None):
+    """Bias, then the CTRL repetition penalty, as jaxgpt.sampling defines them (steps 1-2).
+
+    Args:
+      logits: `(B, V)`.
+      logit_bias: None or `(V,)` / `(B, V)` additive bias (-inf bans).
+      repetition_penalty: None or a float > 0: for each character present in the row's window,
+        a positive logit is divided by it, a negative one multiplied.
+      windows: per row, the int tensor of the current context's tokens (needed with a penalty).
+    """
+    logits = logits.float()
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    if repetition_penalty is not None and repetition_penalty != 1:
+        logits = logits.clone()
+        for r, window in enumerate(windows):
+            present = torch.unique(window.long())
+            row = logits[r, present]
+            logits[r, present] = torch.where(row > 0, row / repetition_penalty, row * repetition_penalty)
+    return logits
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """Temperature, then top-k, then top-p (nucleus), then min-p, as jaxgpt.sampling defines them.
 
     top-k keeps every logit >= the k-th largest (ties kept); top-p keeps, in descending
     probability order, each token whose preceding cumulative mass is < p (so the top token
-    is always kept). Temperature 0 (or top_k=1) is greedy and handled by the caller.
+    is always kept); min-p keeps the tokens with probability >= min_p x the top probability.
+    Temperature 0 (or top_k=1) is greedy and handled by the caller.
     """
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -210,6 +233,9 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
         remove_sorted = before >= top_p
         remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
+    if min_p is not None and min_p > 0:
+        probs = F.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     return logits
 
 
@@ -223,30 +249,36 @@ def inverse_cdf_pick(logits, u):
 
 
 @torch.no_grad()
-def inverse_cdf_generate(model, context, uniforms, context_length, temperature=1.0, top_k=None, top_p=None):
+def inverse_cdf_generate(model, context, uniforms, context_length, temperature=1.0, top_k=None, top_p=None,
+                         min_p=None, repetition_penalty=None, logit_bias=None, logprobs=False):
     """The notebook's loop with the multinomial replaced by inverse-CDF sampling.
 
     Args:
       model: a reference model in eval mode.
       context: int64 `(B, T)` prompt.
       uniforms: float `(B, N)` one uniform in [0, 1) per row and step (ignored when greedy).
-      temperature, top_k, top_p: as in `filter_logits`; temperature 0 or top_k=1 is greedy.
+      temperature, top_k, top_p, min_p: as in `filter_logits`; temperature 0 or top_k=1 is greedy.
+      repetition_penalty, logit_bias: as in `adjust_logits` (the window is the cropped context).
+      logprobs: also return log_softmax of the raw logits at each step.
 
     Returns:
-      int64 `(B, N)` generated tokens.
+      int64 `(B, N)` generated tokens (and float `(B, N, V)` log-probabilities with logprobs).
     """
-    out = []
+    out, lps = [], []
     for step in range(uniforms.shape[1]):
         if context.shape[1] > context_length:
             context = context[:, -context_length:]
         logits = model(context)[:, -1, :]
+        lps.append(F.log_softmax(logits.float(), dim=-1))
+        adjusted = adjust_logits(logits, logit_bias, repetition_penalty, list(context))
         if temperature == 0 or top_k == 1:
-            nxt = torch.argmax(logits, dim=-1)
+            nxt = torch.argmax(adjusted, dim=-1)
         else:
-            nxt = inverse_cdf_pick(filter_logits(logits, temperature, top_k, top_p), uniforms[:, step])
+            nxt = inverse_cdf_pick(filter_logits(adjusted, temperature, top_k, top_p, min_p), uniforms[:, step])
         context = torch.cat((context, nxt[:, None]), dim=-1)
         out.append(nxt)
-    return torch.stack(out, dim=1)
+    tokens = torch.stack(out, dim=1)
+    return (tokens, torch.stack(lps, dim=1)) if logprobs else tokens
 
 
 # ----------------------------------------------------------------------------- scoring and beam search

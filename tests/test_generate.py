@@ -17,8 +17,9 @@ import jaxgpt
 from jaxgpt import engine
 from jaxgpt.config import GPTConfig
 from jaxgpt.generate import Sampler, generate, generate_tokens, stream_text, stream_tokens
+from jaxgpt.options import Options
 from jaxgpt.model import GPT
-from jaxgpt.sampling import _sample_jit, make_params, sampling_uniforms
+from jaxgpt.sampling import sample, sampling_uniforms
 from jaxgpt.vocab import Vocab, VocabError
 
 C = 16
@@ -36,6 +37,16 @@ def _full_forward(graphdef):
     return jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
 
 
+_sample_jit = jax.jit(sample)
+
+
+def sample_rows(logits, u, window=None, length=None, **options):
+    """`jaxgpt.sampling.sample` with one `Options` for every row of `logits` `(B, V)`."""
+    _, params, *_ = Options(**options).engine_row(VOCAB, logits.shape[-1], C)
+    params = jax.tree.map(lambda a: np.broadcast_to(a, (logits.shape[0], *np.shape(a))), params)
+    return np.asarray(_sample_jit(logits, u, params, window, length))
+
+
 def reference_loop(model, context, num_new, seed, keep=C, **kw):
     """The notebook's loop, step by step: full forward of the kept window, same sampler and uniforms.
 
@@ -49,7 +60,6 @@ def reference_loop(model, context, num_new, seed, keep=C, **kw):
         context = np.zeros((context.shape[0], 1), np.int32)
     stream, start = context, max(0, context.shape[1] - C)
     u = sampling_uniforms(seed, context.shape[0], num_new)
-    params = make_params(vocab_size=CONFIG.vocab_size, **kw)
     graphdef, state = nnx.split(model)
     forward = _full_forward(graphdef)
     for j in range(num_new):
@@ -58,7 +68,7 @@ def reference_loop(model, context, num_new, seed, keep=C, **kw):
         window = stream[:, start:]
         padded = np.pad(window, ((0, 0), (0, C - window.shape[1])))
         logits = np.asarray(forward(state, padded))[:, window.shape[1] - 1]
-        token = np.asarray(_sample_jit(logits, u[:, j], params))
+        token = sample_rows(logits, u[:, j], padded, np.full(len(padded), window.shape[1]), **kw)
         stream = np.concatenate([stream, token[:, None]], axis=1)
     return stream[:, context.shape[1]:]
 
@@ -112,8 +122,8 @@ def test_rows_are_independent_and_reproducible(model):
 
 
 def test_what_compiles():
-    """Seed, sampling values, prompt content/length within a bucket, length within a bucket and
-    chunking reuse the compiled programs; batch size, buckets and mode/stride compile anew."""
+    """Seeds, sampling values, modes, prompts and their lengths within a bucket, lengths and
+    chunking reuse the compiled programs; slot counts and prefill buckets compile anew."""
     # A configuration no other test compiles, with a window long enough for several prompt buckets.
     model = GPT(CONFIG.replace(vocab_size=13, context_length=64), rngs=nnx.Rngs(0))
 
@@ -123,28 +133,26 @@ def test_what_compiles():
 
     base = run([[1, 2, 3]])
     for kw in [dict(seed=7), dict(temperature=0.3), dict(temperature=0.0), dict(top_k=3), dict(top_p=0.5),
-               dict(top_k=1, top_p=0.2, temperature=2.0), dict(chunk_size=6)]:
+               dict(top_k=1, top_p=0.2, temperature=2.0), dict(chunk_size=6), dict(mode="strided"),
+               dict(mode="strided", stride=5), dict(num_new=300)]:
         assert run([[1, 2, 3]], **kw) == base, kw
     assert run([[4, 4, 4]]) == base  # prompt content
-    assert run([[1, 2, 3]], num_new=60) == base  # num_new in the same bucket (<= 64)
 
     def delta(counts):
-        return {k: counts.get(k, 0) - base.get(k, 0) for k in ("start", "advance")}
+        return {k: counts.get(k, 0) - base.get(k, 0) for k in ("prefill", "insert", "generate")}
 
-    # Prompt lengths 1..16 share the loop (one stream length); the prefill (all but the last
-    # prompt token) compiles once per power of two.
-    assert delta(run([[5] * 16])) == {"start": 1, "advance": 0}
-    assert delta(run([[5] * 10])) == {"start": 1, "advance": 0}  # 15 or 9 prefilled: bucket 16
-    assert delta(run([[]])) == {"start": 2, "advance": 0}  # the seed token: nothing prefilled
-    assert delta(run([[7]])) == {"start": 2, "advance": 0}
-    assert delta(run([[1, 2, 3]], num_new=65)) == {"start": 2, "advance": 1}  # next num_new bucket
+    # The prefill (all but the last prompt token) compiles once per power of two.
+    assert delta(run([[5] * 16])) == {"prefill": 1, "insert": 0, "generate": 0}
+    assert delta(run([[5] * 10])) == {"prefill": 1, "insert": 0, "generate": 0}  # 15 or 9 prefilled: 16
+    assert delta(run([[]])) == {"prefill": 1, "insert": 1, "generate": 0}  # nothing prefilled: insert zeros
+    assert delta(run([[7]])) == {"prefill": 1, "insert": 1, "generate": 0}
+    assert delta(run([[1, 2, 3], [4, 5, 6]])) == {"prefill": 1, "insert": 2, "generate": 1}  # 2 slots
     # A Sampler, and a second model of the same configuration, reuse the programs too.
     counts = dict(engine.TRACE_COUNTS)
     twin = GPT(CONFIG.replace(vocab_size=13, context_length=64), rngs=nnx.Rngs(1))
     list(stream_tokens(Sampler(twin), np.asarray([[1, 2, 3]]), 20))
     list(stream_tokens(Sampler(model), np.asarray([[1, 2, 3]]), 20, seed=9))
     assert dict(engine.TRACE_COUNTS) == counts
-    # (batch size, prompt bucket and mode/stride also compile anew: see engine.py.)
 
 
 def test_long_prompt_is_cropped(model):
@@ -217,27 +225,29 @@ def test_sampler_gives_the_model_s_tokens_and_snapshots_its_parameters(model):
     assert (generate_tokens(changed, context, C, temperature=0) == 7).all()
 
 
-def test_sampler_reuses_its_cache_memory_but_never_its_contents(model):
+def test_sampler_reuses_its_slots_memory_but_never_their_contents(model):
     sampler = Sampler(model)
     context = np.asarray([[1, 2, 3], [4, 5, 6]])
     expected = generate_tokens(model, context, 2 * C, seed=3)
     devices = jax.devices()[:1]
-    spare = lambda: sampler._spare_cache  # (key, cache) kept from the last finished run
+    spare = lambda: sampler._spare  # (key, slots) kept from the last finished run
     np.testing.assert_array_equal(generate_tokens(sampler, context, 2 * C, seed=3), expected)
     kept = spare()
     assert kept is not None and kept[0] == (2, tuple(devices))
-    # The next run of that shape gets that memory (donated to the prefill, which clears it) ...
+    # The next run of that shape gets that memory (donated to the first insert) ...
     np.testing.assert_array_equal(generate_tokens(sampler, context, 2 * C, seed=3), expected)
-    assert all(a.is_deleted() for a in jax.tree.leaves(kept[1]))
+    assert all(a.is_deleted() for a in jax.tree.leaves(kept[1].cache))
     # ... and a run of another shape does not, nor disturbs it.
     generate_tokens(sampler, context[:1], 5, seed=3)
     assert spare()[0] == (1, tuple(devices))
-    # Whatever the kept cache holds (here NaN everywhere), it is cleared before use.
-    poisoned = jax.tree.map(lambda a: np.full(a.shape, np.nan, a.dtype), model_cache := sampler.take_cache(2, devices))
-    del model_cache
-    sampler.keep_cache(2, devices, jax.tree.map(jax.numpy.asarray, poisoned))
+    # Whatever the kept slots' caches hold (here NaN everywhere), an inserted request never sees it.
+    slots = sampler.take_slots(2, devices)
+    poisoned = slots._replace(cache=jax.tree.map(lambda a: jax.numpy.full(a.shape, np.nan, a.dtype), slots.cache))
+    sampler.keep_slots(2, devices, poisoned)
     np.testing.assert_array_equal(generate_tokens(sampler, context, 2 * C, seed=3), expected)
-    # An abandoned stream keeps nothing (its carry may be mid-way) and later runs are unaffected.
+    np.testing.assert_array_equal(generate_tokens(sampler, context[:, :1], 2 * C, seed=3),
+                                  generate_tokens(model, context[:, :1], 2 * C, seed=3))
+    # An abandoned stream keeps nothing (its slots may be mid-way) and later runs are unaffected.
     chunks = stream_tokens(sampler, context, 2 * C, seed=3, chunk_size=4)
     next(chunks)
     del chunks
@@ -251,7 +261,7 @@ def test_training_mode_is_refused():
         generate_tokens(m, [[1]], 3)
     with pytest.raises(ValueError, match="training mode"):
         Sampler(m)
-    with pytest.raises(TypeError, match="jaxgpt.GPT or a checkpoint path"):
+    with pytest.raises(TypeError, match="must be a jaxgpt.GPT"):
         Sampler(object())
 
 
