@@ -292,8 +292,7 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps) -> tuple[Slots
         window = jnp.where(grow[:, None] & (jnp.arange(c) == s.length[:, None]), s.pending[:, None], s.window)
         return s._replace(cache=cache, window=window, length=s.length + grow), logits
 
-    def refill(s: Slots):  # re-encode the last `keep` tokens of the full rows at 0..keep-1
-        full = needs_refill(s)
+    def refill(s: Slots, full):  # re-encode the last `keep` tokens of the `full` rows at 0..keep-1
         index = jnp.arange(c) + (c + 1 - s.keep)[:, None]  # window[index] for positions < keep - 1
         window = jnp.take_along_axis(s.window, jnp.minimum(index, c - 1), axis=1)
         window = jnp.where(jnp.arange(c) == (s.keep - 1)[:, None], s.pending[:, None], window)
@@ -315,7 +314,7 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps) -> tuple[Slots
         rows = s.active & ~full
         s, decoded = jax.lax.cond(jnp.any(rows), lambda s: decode(s, rows),
                                   lambda s: (s, jnp.zeros((n, v), jnp.float32)), s)
-        s, refilled = refill(s)
+        s, refilled = refill(s, full)
         return _emit(i, s, jnp.where(full[:, None], refilled, decoded), out)
 
     def running(loop):

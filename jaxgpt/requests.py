@@ -92,6 +92,9 @@ def _prepare(model, prompts, max_chars, seed, vocab, devices, slots, chunk_size,
     for r, (prompt, opts) in enumerate(zip(prompts, row_options)):  # validate every row before running any
         batcher._prompt_ids(prompt)
         opts.engine_row(batcher.vocab, batcher.config.vocab_size, batcher.config.context_length)
+        for name, value in (("seed", seeds[r]), ("stream", streams[r])):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**32:
+                raise ValueError(f"{name} must be an integer in [0, 2**32), got {value!r}")
         if isinstance(budgets[r], bool) or not isinstance(budgets[r], (int, np.integer)) or budgets[r] < 1:
             raise ValueError(f"max_chars must be a positive integer, got {budgets[r]!r}")
     return batcher, _run(batcher, prompts, budgets, row_options, seeds, streams, chunk_size)
