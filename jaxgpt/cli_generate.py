@@ -1,20 +1,24 @@
 """`jaxgpt generate`: sample text from a checkpoint, streamed to a terminal.
 
 stdout carries exactly the generated characters (the prompt is not repeated, no newline is
-added). With --batch B > 1 the samples follow one another, each after the first introduced
-by a newline and a line `--- sample N ---`:
+added). With several samples (--batch B per --prompt, --prompt repeatable) they follow one
+another, each after the first introduced by a newline and a line `--- sample N ---`:
 
     <sample 1>
     --- sample 2 ---
     <sample 2>
 
-Everything else (model, timing) goes to stderr. When stdout is a terminal the first sample is
-printed chunk by chunk as it is generated (the others once it is done); the characters are
-the same as without streaming, since the randomness depends only on (seed, row, step).
+With --json, stdout has one JSON object per sample and line instead: its text, finish reason,
+log-probabilities (--logprobs N) and everything needed to reproduce it (prompt, seed and random
+stream, options, slots). Everything else (model, timing) goes to stderr. When stdout is a
+terminal the first sample is printed chunk by chunk as it is generated (the others once they are
+done); the characters are the same as without streaming. All samples are requests to one
+engine (`jaxgpt.stream_completions`): sample r has the random stream (seed, r).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -23,7 +27,7 @@ import click
 
 from jaxgpt.cli import CLIError, default_weights, load_vocab
 
-STREAM_CHUNK = 16  # characters per compiled call when streaming
+STREAM_CHUNK = 16  # steps per compiled call when streaming
 
 
 def _separator(index: int) -> str:
@@ -36,15 +40,26 @@ def _separator(index: int) -> str:
 @click.option("--vocab", type=str, default=None, metavar="JSON",
               help="id -> character JSON for checkpoints with another vocabulary [default: vocab.json beside the weights, "
                    "else the published 104 characters].")
-@click.option("--prompt", type=str, default="", show_default=True,
-              help='Text to continue ("": start from a newline, as the notebook).')
+@click.option("--prompt", "prompts", type=str, multiple=True,
+              help='Text to continue ("": start from a newline, as the notebook) [default: ""]; repeatable: one '
+                   "request per prompt, of any lengths.")
 @click.option("--num-chars", type=click.IntRange(min=1), default=500, show_default=True, help="Characters to generate.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=1.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep the k most likely characters (ties kept).")
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Nucleus sampling mass, in (0, 1].")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Independent samples.")
+@click.option("--min-p", type=float, default=None, help="Keep characters with probability >= MIN_P x the top one, in [0, 1].")
+@click.option("--repetition-penalty", type=float, default=None,
+              help="> 0: logits of characters in the current window divided (positive) or multiplied (negative) by it.")
+@click.option("--ban", type=str, default=None, metavar="CHARS", help="Characters never to generate.")
+@click.option("--stop", "stops", type=str, multiple=True, help="Stop when the text ends with this (not printed); repeatable.")
+@click.option("--logprobs", type=int, default=0, show_default=True,
+              help="With --json: each character's log-probability and the N likeliest alternatives.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Independent samples per prompt.")
+@click.option("--slots", type=int, default=None,
+              help="Rows per compiled step (a sample's bits then depend on nothing else) [default: the number of samples].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per sample on stdout.")
 @click.option("--mode", type=click.Choice(["exact", "strided"]), default="exact", show_default=True,
               help="exact: the notebook's loop; strided: drop --stride tokens at once when the window is full (faster).")
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Strided mode only [default: context_length // 2].")
@@ -53,19 +68,18 @@ def _separator(index: int) -> str:
               help="Split the --batch samples over the first N local devices [default: all; 1: one device]; "
               "the text does not depend on it.")
 @click.option("-q", "--quiet", is_flag=True, help="No diagnostics on stderr.")
-def generate_command(weights, vocab, prompt, num_chars, seed, temperature, top_k, top_p, batch, mode, stride,
-                     stream, devices, quiet) -> None:
+def generate_command(weights, vocab, prompts, num_chars, seed, temperature, top_k, top_p, min_p, repetition_penalty,
+                     ban, stops, logprobs, batch, slots, as_json, mode, stride, stream, devices, quiet) -> None:
     """Generate text with the notebook's sampling loop, compiled."""
     from jaxgpt import compile_cache
 
-    if stride is not None and mode != "strided":
-        raise CLIError("--stride applies to --mode strided only")
     started = time.perf_counter()
     cache = compile_cache.enable()
 
     from porting import load_weights
 
-    from jaxgpt.generate import stream_text
+    from jaxgpt.batching import Sampler
+    from jaxgpt.requests import stream_completions
 
     path = weights if weights is not None else default_weights()
     characters, vocab_source = load_vocab(vocab, path)
@@ -74,28 +88,25 @@ def generate_command(weights, vocab, prompt, num_chars, seed, temperature, top_k
     if characters.size != config.vocab_size:
         raise CLIError(f"{vocab_source} has {characters.size} characters but {path} has "
                        f"vocab_size {config.vocab_size}: pass the checkpoint's vocabulary with --vocab")
-    unknown = characters.unknown_chars(prompt)
-    if unknown:
-        raise CLIError(f"--prompt: characters not in the vocabulary: {', '.join(repr(c) for c in unknown[:10])}")
-    if stride is not None and not 1 <= stride <= config.context_length:
-        raise CLIError(f"--stride must be in 1..{config.context_length} (the checkpoint's context_length), got {stride}")
-    if devices is not None:
-        import jax
-
-        if devices > jax.local_device_count():
-            raise CLIError(f"--devices {devices}: only {jax.local_device_count()} local devices are visible")
-
-    streaming = sys.stdout.isatty() if stream is None else stream
+    rows = [p for p in (prompts or ("",)) for _ in range(batch)]
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty, stop=list(stops),
+                   logit_bias={c: float("-inf") for c in ban} if ban else None,
+                   logprobs=logprobs, mode=mode, stride=stride)
+    streaming = (sys.stdout.isatty() if stream is None else stream) and not as_json
+    # Validates every value (one line on stderr for the first bad one) before anything runs.
+    events = stream_completions(Sampler(model), rows, num_chars, seed=seed, vocab=characters, devices=devices,
+                                slots=slots, chunk_size=STREAM_CHUNK if streaming else None, **options)
     if not quiet:
         print(f"jaxgpt: {path}: {config.variant}, {model.num_params():,} parameters, context {config.context_length}; "
-              f"{mode} mode, batch {batch}, seed {seed}"
+              f"{mode} mode, {len(rows)} sample{'s' * (len(rows) > 1)}, seed {seed}"
               + ("" if cache else " (no compilation cache)"), file=sys.stderr)
-    chunks = stream_text(model, prompt, num_chars, batch=batch, vocab=characters,
-                         chunk_size=STREAM_CHUNK if streaming else None, seed=seed, temperature=temperature,
-                         top_k=top_k, top_p=top_p, mode=mode, stride=stride, devices=devices)
     loaded = time.perf_counter()
     try:
-        first_chunk = _write_samples(chunks, batch, streaming)
+        if as_json:
+            first_chunk, count = _write_json(events, rows, characters, dict(options, ban=ban), seed, slots, path)
+        else:
+            first_chunk, count = _write_samples(events, len(rows), streaming)
     except BrokenPipeError:  # e.g. `jaxgpt generate | head`: stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise click.exceptions.Exit(141) from None
@@ -103,29 +114,57 @@ def generate_command(weights, vocab, prompt, num_chars, seed, temperature, top_k
     if not quiet:
         # Leading newline on a terminal: the shell prompt must not follow the text on its line.
         lead = "\n" if sys.stdout.isatty() else ""
-        print(f"{lead}jaxgpt: {batch * num_chars} characters in {done - loaded:.2f} s (the first after "
+        print(f"{lead}jaxgpt: {count} characters in {done - loaded:.2f} s (the first after "
               f"{first_chunk - loaded:.2f} s, compilation or compiled-code loading included; checkpoint "
               f"loaded in {loaded - started:.2f} s)", file=sys.stderr)
 
 
-def _write_samples(chunks, batch: int, streaming: bool) -> float:
-    """Writes sample 1 (chunk by chunk when streaming), then the others; returns the first chunk's time."""
-    first_chunk = None
-    samples = [[] for _ in range(batch)]
+def _write_samples(events, rows: int, streaming: bool) -> tuple[float, int]:
+    """Writes sample 1 (chunk by chunk when streaming), then the others; returns (first time, characters)."""
+    first_chunk, count = None, 0
+    samples = [[] for _ in range(rows)]
     out = sys.stdout
-    for chunk in chunks:
+    for event in events:
         first_chunk = first_chunk or time.perf_counter()
-        for row, text in enumerate(chunk):
-            samples[row].append(text)
-        if streaming:
-            out.write(chunk[0])
+        samples[event.tag].append(event.text)
+        count += len(event.text)
+        if streaming and event.tag == 0:
+            out.write(event.text)
             out.flush()
     if not streaming:
         out.write("".join(samples[0]))
-    for row in range(1, batch):
+    for row in range(1, rows):
         out.write(_separator(row) + "".join(samples[row]))
     out.flush()
-    return first_chunk
+    return first_chunk or time.perf_counter(), count
+
+
+def _write_json(events, rows: list[str], vocab, options: dict, seed: int, slots, weights: str) -> tuple[float, int]:
+    """One JSON object per sample, in order, once each is finished."""
+    first_chunk, count = None, 0
+    parts: dict[int, list] = {r: [] for r in range(len(rows))}
+    written = 0
+    for event in events:
+        first_chunk = first_chunk or time.perf_counter()
+        parts[event.tag].append(event)
+        count += len(event.tokens)
+        while written < len(rows) and parts[written] and parts[written][-1].finish_reason is not None:
+            print(json.dumps(_record(written, rows[written], parts.pop(written), vocab, options, seed, slots, weights)),
+                  flush=True)
+            written += 1
+    return first_chunk or time.perf_counter(), count
+
+
+def _record(index: int, prompt: str, events: list, vocab, options: dict, seed: int, slots, weights: str) -> dict:
+    from jaxgpt.requests import completion_from_events
+
+    done = completion_from_events(events, vocab)
+    options = {k: v for k, v in options.items() if k != "logit_bias"}  # --ban says it (JSON has no -inf)
+    return {"index": index, "prompt": prompt, "text": done.text, "finish_reason": done.finish_reason,
+              "logprobs": None if done.logprobs is None else [float(x) for x in done.logprobs],
+              "top_logprobs": done.top_logprobs, "seed": seed, "stream": index,
+              "options": {k: v for k, v in options.items() if v not in (None, [], ())}, "slots": slots,
+              "weights": weights}
 
 
 def register(app) -> None:

@@ -137,10 +137,11 @@ def complete(model, prompts: str | Sequence[str], max_chars, *, seed=0, temperat
     parts: dict[int, list[Event]] = {}
     for event in events:
         parts.setdefault(event.tag, []).append(event)
-    return [_completion(parts[r], batcher.vocab) for r in range(len(parts))]
+    return [completion_from_events(parts[r], batcher.vocab) for r in range(len(parts))]
 
 
-def _completion(events: list[Event], vocab) -> Completion:
+def completion_from_events(events: list[Event], vocab) -> Completion:
+    """The `Completion` of one request from all its events, in order (`vocab` names top_logprobs)."""
     tokens = np.concatenate([e.tokens for e in events])
     text = "".join(e.text or "" for e in events)
     logprobs = top = None

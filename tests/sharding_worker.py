@@ -62,20 +62,20 @@ def generation() -> dict:
     tokens["13/filtered/default-chunked"] = np.concatenate(list(stream_tokens(
         model, contexts[13], 3 * C, seed=4, chunk_size=7, **SETTINGS["filtered"])), axis=1).tolist()
 
-    # What the compiled loop returns on 8 devices: spy on engine.advance's output.
+    # What the compiled loop returns on 8 devices: spy on engine.generate's output.
     seen = {}
-    advance = engine.advance
+    generate = engine.generate
 
     def spy(*args, **kwargs):
-        carry = advance(*args, **kwargs)
-        seen.update(stream=shard_facts(carry.stream), cache_k=shard_facts(carry.cache[0].k))
-        return carry
+        slots, chunk = generate(*args, **kwargs)
+        seen.update(stream=shard_facts(slots.window), cache_k=shard_facts(slots.cache[0].k))
+        return slots, chunk
 
-    engine.advance = spy
+    engine.generate = spy
     try:
         generate_tokens(model, contexts[13], 3 * C, seed=4, devices=8)
     finally:
-        engine.advance = advance
+        engine.generate = generate
     # 13 and 14 rows both pad to 16 on 8 devices: no new trace.
     before = dict(engine.TRACE_COUNTS)
     generate_tokens(model, np.zeros((14, 5), np.int32), 3 * C, seed=1, devices=8)
@@ -83,7 +83,7 @@ def generation() -> dict:
     # A new batch size streamed in 7 chunks: one trace each, the carry is fed back as returned.
     before = dict(engine.TRACE_COUNTS)
     list(stream_tokens(model, np.zeros((24, 5), np.int32), 3 * C, seed=1, chunk_size=7))
-    chunked = {name: engine.TRACE_COUNTS[name] - before.get(name, 0) for name in ("start", "advance")}
+    chunked = {name: engine.TRACE_COUNTS[name] - before.get(name, 0) for name in ("prefill", "insert", "generate")}
     return {"tokens": tokens, "sharded_carry": seen, "retraced_for_14_rows": retraced, "chunked_traces": chunked}
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -123,7 +125,7 @@ def _errors(weights, tmp_path):
     small_vocab = tmp_path / "small_vocab.json"
     jaxgpt.Vocab(tuple("abc")).save(small_vocab)
     return [
-        (["--weights", weights, "--prompt", "caf\u00e9\u00bf"], "--prompt: characters not in the vocabulary: '\u00bf'"),
+        (["--weights", weights, "--prompt", "caf\u00e9\u00bf"], "characters not in the vocabulary: '\u00bf'"),
         (["--weights", weights, "--num-chars", "0"], "--num-chars"),
         (["--weights", weights, "--num-chars", "-5"], "--num-chars"),
         (["--weights", weights, "--top-p", "0"], "--top-p"),
@@ -134,9 +136,16 @@ def _errors(weights, tmp_path):
         (["--weights", str(tmp_path / "missing.pt")], "missing.pt: no such file"),
         (["--weights", weights, "--vocab", str(small_vocab)], "has 3 characters but"),
         (["--weights", weights, "--vocab", str(tmp_path / "nope.json")], "--vocab"),
-        (["--weights", weights, "--stride", "4"], "--stride applies to --mode strided only"),
-        (["--weights", weights, "--mode", "strided", "--stride", "17"], "--stride must be in 1..16"),
+        (["--weights", weights, "--stride", "4"], "stride applies to mode='strided' only"),
+        (["--weights", weights, "--mode", "strided", "--stride", "17"], "stride must be in 1..context_length=16"),
         (["--weights", weights, "--mode", "fast"], "--mode"),
+        (["--weights", weights, "--min-p", "1.5"], "min_p must be"),
+        (["--weights", weights, "--repetition-penalty", "-1"], "repetition_penalty must be"),
+        (["--weights", weights, "--stop", "\u4e2d"], "stop string '\u4e2d' has characters outside the vocabulary"),
+        (["--weights", weights, "--ban", "\u4e2d"], "logit_bias character '\u4e2d'"),
+        (["--weights", weights, "--logprobs", "-2"], "logprobs must be"),
+        (["--weights", weights, "--slots", "0"], "slots must be a positive integer"),
+        (["--weights", weights, "--prompt", "a", "--prompt", "\u4e2d"], "characters not in the vocabulary"),
     ]
 
 
@@ -182,7 +191,32 @@ def test_second_run_reads_the_persistent_cache(weights, model, tmp_path):
     assert first.returncode == 0, first.stderr
     cache = tmp_path / "xdg" / "jaxgpt" / "jax"
     entries = {p.name for p in cache.iterdir()}
-    assert any(name.startswith("jit_advance") for name in entries), entries
+    assert any(name.startswith("jit_generate") for name in entries), entries
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stdout == first.stdout == generate(model, "", 30, seed=4)
     assert {p.name for p in cache.iterdir()} == entries  # nothing compiled anew
+
+
+def test_several_prompts_json_stop_and_ban(weights, model, capsys):
+    """Repeatable --prompt (rows of any lengths), --json records that reproduce the run."""
+    argv = ["--weights", weights, "--prompt", "ROMEO:", "--prompt", "", "--num-chars", "40", "--seed", "3",
+            "--temperature", "0.9", "--logprobs", "2", "--json", "-q"]
+    code, out, err = run(argv, capsys)
+    assert code == 0 and err == ""
+    records = [json.loads(line) for line in out.splitlines()]
+    want = jaxgpt.complete(model, ["ROMEO:", ""], 40, seed=3, temperature=0.9, logprobs=2)
+    assert [r["index"] for r in records] == [0, 1] and [r["stream"] for r in records] == [0, 1]
+    for record, completion in zip(records, want):
+        assert record["text"] == completion.text and record["finish_reason"] == "length"
+        np.testing.assert_allclose(record["logprobs"], completion.logprobs, rtol=0, atol=1e-7)
+        assert [list(d) for d in record["top_logprobs"]] == [list(d) for d in completion.top_logprobs]
+        assert record["seed"] == 3 and record["options"]["temperature"] == 0.9
+    # A stop string from that text ends the sample before it; --ban removes characters.
+    want = jaxgpt.complete(model, "", 40, seed=3, temperature=0.9) * 2  # alone: stream 0
+    stop = want[1].text[10:12]
+    code, out, _ = run(["--weights", weights, "--num-chars", "40", "--seed", "3", "--temperature", "0.9",
+                        "--stop", stop, "-q", "--prompt", ""], capsys)
+    assert code == 0 and out == want[1].text[: want[1].text.find(stop)]
+    banned = want[1].text[0] + want[1].text[5]
+    code, out, _ = run(["--weights", weights, "--num-chars", "60", "--seed", "3", "--ban", banned, "-q"], capsys)
+    assert code == 0 and len(out) == 60 and not set(banned) & set(out)
