@@ -11,6 +11,7 @@ Runs, in one process, interleaved so that machine noise hits all sides alike:
   compile     jaxgpt's first generate call in fresh processes, cold vs warm persistent cache;
   parity      logits, greedy tokens, sampled tokens with shared uniforms;
   beam_score  beam search (4 x 200 chars) and score (10,000 chars) vs torch (benchmarks.beam_score).
+  requests    32 ragged requests in one complete() call vs one by one; logprobs cost (benchmarks.requests_bench).
 
 JSON shape: {"device": str, "versions": {...}, "results": [{"name", "framework" ("jax" |
 "torch" | "onnxruntime"), "impl", "batch", "steps", "chars", "seconds" (median), "chars_per_s",
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
         if "limits" in suite.groups:
             progress("device limits")
             limits = measure()
-        for group in ("generation", "forward", "train", "porting", "compile", "beam_score"):
+        for group in ("generation", "forward", "train", "porting", "compile", "beam_score", "requests"):
             if group in suite.groups:
                 progress(f"--- {group}")
                 module = __import__(f"benchmarks.{_MODULES[group]}", fromlist=["run"])
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
     return 0
 
 
-_MODULES = {"beam_score": "beam_score", "generation": "generation", "forward": "forward", "train": "train_step", "porting": "porting_bench",
+_MODULES = {"beam_score": "beam_score", "requests": "requests_bench", "generation": "generation", "forward": "forward", "train": "train_step", "porting": "porting_bench",
             "compile": "compile_bench"}
 
 if __name__ == "__main__":

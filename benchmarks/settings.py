@@ -11,7 +11,7 @@ import dataclasses
 
 from jaxgpt.config import PUBLISHED, GPTConfig
 
-GROUPS = ("limits", "generation", "forward", "train", "porting", "compile", "parity", "beam_score")
+GROUPS = ("limits", "generation", "forward", "train", "porting", "compile", "parity", "beam_score", "requests")
 
 
 @dataclasses.dataclass(frozen=True)

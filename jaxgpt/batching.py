@@ -155,6 +155,7 @@ class Batcher:
         self._params = self.sampler.state_on(self.devices)
         self._state = self.sampler.take_slots(self._rows_total, self.devices)
         self._busy: dict[int, _Row] = {}
+        self._pending: dict[tuple, list] = {}  # prompt tokens -> [(slot, engine.Request)] not inserted yet
 
     # ------------------------------------------------------------------ requests in
     def free_slots(self) -> int:
@@ -199,22 +200,38 @@ class Batcher:
         window[: p - 1] = tokens[:-1]
         request = engine.Request(window, np.int32(p - 1), np.int32(tokens[-1]), np.int32(min(max_chars, 2**31 - 1)),
                                  np.uint32(seed), np.uint32(stream), keep, params, stops, lengths, top_n)
-        cache = None
-        if p > 1:  # the last prompt token is decoded by the first step, so it is not prefilled
-            bucket = min(1 << (p - 2).bit_length(), c)
-            padded = np.zeros((1, bucket), np.int32)
-            padded[0, : p - 1] = tokens[:-1]
-            cache = engine.prefill(self.sampler.graphdef, self._params, padded)
-        if self._state is None:  # lent to the Sampler while idle: take it back
-            self._state = self.sampler.take_slots(self._rows_total, self.devices)
-        self._state = engine.insert(self._state, request, cache, np.int32(slot))
+        # Inserted at the next step, together with the other requests of the same prompt.
+        self._pending.setdefault(tuple(tokens.tolist()), []).append((slot, request))
         self._busy[slot] = _Row(tag, tuple(tuple(s) for s in _stop_ids(stops, lengths)), int(top_n))
         return slot
+
+    def _insert_pending(self) -> None:
+        """Prefills each new prompt once, alone, and inserts its requests into their slots."""
+        if self._state is None:  # lent to the Sampler while idle: take it back
+            self._state = self.sampler.take_slots(self._rows_total, self.devices)
+        n, c = self._rows_total, self.config.context_length
+        for tokens, group in self._pending.items():
+            cache = None
+            if len(tokens) > 1:  # the last prompt token is decoded by the first step, so it is not prefilled
+                padded = np.zeros((1, min(1 << (len(tokens) - 2).bit_length(), c)), np.int32)
+                padded[0, : len(tokens) - 1] = tokens[:-1]
+                cache = engine.prefill(self.sampler.graphdef, self._params, padded)
+            targets = np.full(n, n, np.int32)  # slot n does not exist: padding rows are dropped
+            targets[: len(group)] = [slot for slot, _ in group]
+            rows = [request for _, request in group] + [group[0][1]] * (n - len(group))
+            stacked = jax.tree.map(lambda *fields: np.stack(fields), *rows)
+            self._state = engine.insert(self._state, stacked, cache, targets)
+        self._pending.clear()
 
     def cancel(self, slot: int) -> None:
         """Frees a busy slot at once; its request produces nothing more."""
         if slot in self._busy:
-            self._state = engine.release(self._state, np.int32(slot))
+            for tokens, group in list(self._pending.items()):  # not inserted yet: just forget it
+                self._pending[tokens] = [(s, r) for s, r in group if s != slot]
+                if not self._pending[tokens]:
+                    del self._pending[tokens]
+            if self._state is not None:
+                self._state = engine.release(self._state, np.int32(slot))
             del self._busy[slot]
 
     # ------------------------------------------------------------------ steps
@@ -227,6 +244,8 @@ class Batcher:
         if not self._busy:
             return []
         n = engine.CHUNK if max_steps is None else max(1, min(int(max_steps), engine.CHUNK))
+        if self._pending:
+            self._insert_pending()
         self._state, chunk = engine.generate(self.sampler.graphdef, self._params, self._state, np.int32(n))
         want_logprobs = any(row.top_n >= 0 for row in self._busy.values())
         fetched = jax.device_get((chunk.tokens, chunk.valid, self._state.finish, self._state.stop_length,

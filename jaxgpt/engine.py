@@ -1,7 +1,8 @@
 """The compiled generation engine: a fixed number of slots, each an independent request.
 
 JetStream's split: a request's prompt is prefilled alone (`prefill`, batch 1), inserted into a
-free slot (`insert`), and all slots advance together (`generate`, up to `CHUNK` steps per call).
+free slot (`insert`; requests sharing a prompt share its prefill and one insert), and all slots
+advance together (`generate`, up to `CHUNK` steps per call).
 A slot holds its own KV cache rows, context window, position, sampling values, random stream,
 stop strings and step budget, so rows at different positions, prompt lengths, modes and options
 share every step, and a finished slot can take a new request between two calls.
@@ -223,34 +224,35 @@ def state_dtype(state: nnx.State):
     return jax.tree.leaves(state)[0].dtype
 
 
-def insert(slots: Slots, request: Request, cache: KVCache | None, slot) -> Slots:
-    """Places `request` into `slot` (traced int): its row of every field, and its cache row.
+def insert(slots: Slots, requests: Request, cache: KVCache | None, targets) -> Slots:
+    """Places requests that share one prompt into their slots: every field's row, and the cache row.
 
     Args:
       slots: the current slots; donated.
-      request: the request's initial state (`Request`).
-      cache: the request's prefilled cache (`prefill`, one row), or None for a one-token
-        prompt (nothing cached: the slot's cache row is zeroed).
-      slot: int32 `()`.
+      requests: `Request` whose fields have N rows (one per slot of `slots`; rows beyond the
+        requests are padding, aimed at slot N, which does not exist, and dropped).
+      cache: their prompt's prefilled cache (`prefill`, one row), or None for a one-token
+        prompt (nothing cached: the slots' cache rows are zeroed).
+      targets: int32 `(N,)` the slot of each row of `requests` (N for padding).
     """
     TRACE_COUNTS["insert"] += 1
+    n = slots.length.shape[0]
 
-    def put(field, value):
-        return jax.lax.dynamic_update_index_in_dim(field, jnp.asarray(value, field.dtype), slot, axis=0)
+    def put(field, rows):
+        return field.at[targets].set(jnp.asarray(rows, field.dtype), mode="drop")
 
     if cache is None:  # zeros, not stale values: masked positions still meet 0-weights, and 0 * NaN = NaN
         cache = jax.tree.map(lambda a: jnp.zeros((1, *a.shape[1:]), a.dtype), slots.cache)
-    r = request
+    r = requests
     return Slots(
-        cache=jax.tree.map(lambda a, row: jax.lax.dynamic_update_slice_in_dim(a, row.astype(a.dtype), slot, 0),
-                           slots.cache, cache),
+        cache=jax.tree.map(lambda a, row: put(a, jnp.broadcast_to(row, (n, *row.shape[1:]))), slots.cache, cache),
         window=put(slots.window, r.window), length=put(slots.length, r.length), pending=put(slots.pending, r.pending),
-        done=put(slots.done, 0), budget=put(slots.budget, r.budget), active=put(slots.active, True),
-        keys=put(slots.keys, row_keys(r.seed[None], r.stream[None])[0]), keep=put(slots.keep, r.keep),
-        params=jax.tree.map(put, slots.params, r.params), stops=put(slots.stops, r.stops),
+        done=put(slots.done, jnp.zeros(n, jnp.int32)), budget=put(slots.budget, r.budget),
+        active=put(slots.active, jnp.ones(n, bool)), keys=put(slots.keys, row_keys(r.seed, r.stream)),
+        keep=put(slots.keep, r.keep), params=jax.tree.map(put, slots.params, r.params), stops=put(slots.stops, r.stops),
         stop_lengths=put(slots.stop_lengths, r.stop_lengths), top_n=put(slots.top_n, r.top_n),
-        recent=put(slots.recent, jnp.full((MAX_STOP_LEN,), -1)), finish=put(slots.finish, RUNNING),
-        stop_length=put(slots.stop_length, 0))
+        recent=put(slots.recent, jnp.full((n, MAX_STOP_LEN), -1)), finish=put(slots.finish, jnp.full(n, RUNNING)),
+        stop_length=put(slots.stop_length, jnp.zeros(n, jnp.int32)))
 
 
 insert = jax.jit(insert, donate_argnames=("slots",))

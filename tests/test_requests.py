@@ -248,3 +248,15 @@ def test_complete_of_a_single_string_and_the_public_api():
     assert jaxgpt.complete is complete and jaxgpt.Options is Options and jaxgpt.stream_completions is stream_completions
     with pytest.raises(TypeError, match="jaxgpt.GPT"):
         complete("weights.pt", "a", 3)
+
+
+def test_benchmark_rows_on_a_tiny_model(tmp_path):
+    # benchmarks/requests_bench.py cannot rot: its rows, and the batched texts equal one by one (checked inside)
+    from benchmarks import requests_bench
+    from benchmarks.models import build_models
+    from benchmarks.settings import TINY
+
+    suite = TINY.replace(reps=1, warmup=1)
+    rows, ratios = requests_bench.run(build_models(suite.model, str(tmp_path)), suite)
+    assert sorted(ratios) == ["logprobs5_vs_logprobs0", "ragged_32_batched_vs_one_by_one"]
+    assert all(r["ratio"] > 0 for r in ratios.values()) and len(rows) == 4

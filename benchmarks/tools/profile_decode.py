@@ -2,7 +2,7 @@
 
     python -m benchmarks.tools.profile_decode [--batch 1] [--steps 127] [--rounds 15]
 
-Compiles `jaxgpt.engine.advance` (the generation loop) for the published configuration twice,
+Compiles `jaxgpt.engine.generate` (the generation loop) for the published configuration twice,
 as shipped (`engine.COMPILER_OPTIONS["cpu"]`: XLA:CPU copy insertion with region analysis) and
 without those options, and prints for each: the number of whole-cache copies per iteration of
 the compiled decode loop (XLA copies every block's KV cache when it cannot prove the attention
@@ -45,12 +45,10 @@ def cache_copies(hlo: str, cache_elements: int) -> int:
 
 def main(argv=None) -> None:
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    from jaxgpt import GPT, PUBLISHED, engine
-    from jaxgpt.generate import Sampler
-    from jaxgpt.sampling import make_params
+    from jaxgpt import GPT, PUBLISHED, Batcher, engine
+    from jaxgpt.batching import Sampler
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tools.profile_decode")
     parser.add_argument("--batch", type=int, default=1)
@@ -59,25 +57,26 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     cfg, b = PUBLISHED, args.batch
     sampler = Sampler(GPT(cfg, rngs=nnx.Rngs(0)))
-    state = sampler.state_on(jax.devices()[:1])
-    params = make_params(1.0, None, None, vocab_size=cfg.vocab_size)
-    stream_len = max(cfg.context_length, 16 + args.steps)
     cache_elements = b * cfg.num_heads * cfg.context_length * cfg.head_size
+    shipped = engine.generate.__wrapped__
 
     variants = {}
     for name, options in [("as shipped", engine.COMPILER_OPTIONS["cpu"]), ("without region analysis", None)]:
-        start = jax.jit(engine.start.__wrapped__, compiler_options=options, **engine.START_JIT)
-        advance = jax.jit(engine.advance.__wrapped__, compiler_options=options, **engine.ADVANCE_JIT)
+        generate = jax.jit(shipped, compiler_options=options, static_argnames=("graphdef",), donate_argnames=("slots",))
 
-        def run(start=start, advance=advance, lower=False):
-            stream = np.zeros((b, stream_len), np.int32)
-            cache = start(sampler.graphdef, state, stream[:, :0], sampler.take_cache(b, jax.devices()[:1]))
-            carry = engine.Carry(jnp.asarray(stream), cache, jnp.int32(0))
-            call = (sampler.graphdef, state, carry, np.int32(1), np.int32(0), np.int32(args.steps), np.uint32(1),
-                    params)
-            if lower:
-                return advance.lower(*call, keep=cfg.context_length).compile().as_text()
-            return np.asarray(advance(*call, keep=cfg.context_length).stream)
+        def run(generate=generate, lower=False):
+            batcher = Batcher(sampler, b, devices=1)
+            for r in range(b):
+                batcher.add(np.zeros(0, np.int32), args.steps, seed=1, stream=r)
+            batcher._insert_pending()
+            tokens = []
+            for first in range(0, args.steps, engine.CHUNK):
+                call = (sampler.graphdef, batcher._params, batcher._state, np.int32(min(engine.CHUNK, args.steps - first)))
+                if lower:
+                    return generate.lower(*call).compile().as_text()
+                batcher._state, chunk = generate(*call)
+                tokens.append(np.asarray(chunk.tokens))
+            return np.concatenate(tokens, axis=1)
 
         variants[name] = (run, cache_copies(run(lower=True), cache_elements), run())
     tokens = [v[2] for v in variants.values()]
