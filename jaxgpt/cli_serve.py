@@ -38,10 +38,13 @@ from jaxgpt.cli import CLIError, default_weights, load_vocab
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
 @click.option("--devices", type=click.IntRange(min=1), default=None,
               help="Shard the slots over the first N local devices [default: all].")
+@click.option("--chunk", type=click.IntRange(min=1), default=None,
+              help="Generation steps per engine call [default: the engine's longest]; shorter: new requests join "
+                   "and stream sooner, longer: less overhead per character. Never changes an answer.")
 @click.option("--model-name", default="jaxgpt", show_default=True, help="The model id in /v1/models and responses.")
 @click.option("-q", "--quiet", is_flag=True, help="No diagnostics on stderr.")
 def serve_command(weights, vocab, host, port, max_batch, max_queue, max_tokens, api_key, insecure, devices,
-                  model_name, quiet) -> None:
+                  chunk, model_name, quiet) -> None:
     """Serve completions over HTTP (OpenAI protocol), with continuous batching and seed-exact answers."""
     from jaxgpt.serving.server import bind, is_loopback
 
@@ -82,7 +85,7 @@ def serve_command(weights, vocab, host, port, max_batch, max_queue, max_tokens, 
               f"{max_batch} slots; compiling" + ("" if cache else " (no compilation cache)"), file=sys.stderr)
     try:
         app = create_app(model, vocab=characters, max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens,
-                         api_key=api_key, devices=devices, model_name=model_name)
+                         api_key=api_key, devices=devices, model_name=model_name, chunk=chunk)
     except EngineUnavailable as e:
         raise CLIError(str(e)) from None
 

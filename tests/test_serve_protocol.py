@@ -102,7 +102,7 @@ def test_rows_repeat_each_prompt_n_times_in_order_and_keep_the_seed():
     assert p.prompts == ("ab", "ab", "c", "c") and p.rows == 4 and p.n == 2
     assert p.seed == 7 and p.max_chars == 9
     assert p.options["stop"] == ("ba",)
-    assert p.options["logprobs"] == 0 and p.logprobs == 0  # the sampled character's logprob, no alternatives
+    assert p.options["logprobs"] == 1 and p.logprobs == 0  # the sampled character's logprob, no alternatives
     assert protocol.usage(p, 10) == {"prompt_tokens": 3, "completion_tokens": 10, "total_tokens": 13}
 
 

@@ -99,7 +99,8 @@ class Guard:
 
 def create_app(model, *, vocab=None, max_batch: int = 32, max_queue: int = 256, max_tokens: int = 4096,
                api_key: str | None = None, devices=None, model_name: str = "jaxgpt",
-               warm_up: bool = True, shutdown_grace: float = 3.0) -> FastAPI:
+               warm_up: bool = True, shutdown_grace: float = 3.0, chunk: int | None = None,
+               first_chunk: int | None = 8) -> FastAPI:
     """The server's application around one model.
 
     Args:
@@ -115,6 +116,8 @@ def create_app(model, *, vocab=None, max_batch: int = 32, max_queue: int = 256, 
       model_name: the id in /v1/models and in responses.
       warm_up: compile the engine's programs now (else on the first requests).
       shutdown_grace: seconds running requests get to finish once a shutdown starts.
+      chunk, first_chunk: steps per engine call, normally and right after a request joins
+        (see `Scheduler`); they never change an answer.
     """
     from jaxgpt.serving import backend
     from jaxgpt.vocab import default_vocab
@@ -134,7 +137,7 @@ def create_app(model, *, vocab=None, max_batch: int = 32, max_queue: int = 256, 
         "queue_rows": ("Rows waiting for a slot.", lambda: scheduler_ref[0].queued),
     })
     scheduler = Scheduler(lambda: backend.make_batcher(sampler, max_batch, vocab, devices),
-                          max_queue=max_queue, metrics=metrics)
+                          max_queue=max_queue, metrics=metrics, chunk=chunk, first_chunk=first_chunk)
     scheduler_ref.append(scheduler)
     if warm_up:
         backend.warm_up(scheduler.batcher, vocab, config.context_length)
@@ -173,16 +176,16 @@ def create_app(model, *, vocab=None, max_batch: int = 32, max_queue: int = 256, 
     @app.post("/v1/completions")
     async def completions(request: Request):
         plan = protocol.plan(protocol.parse_request(protocol.parse_body(await request.body())), limits)
-        options = backend.make_options(plan.options, vocab)
+        options = backend.make_options(plan.options, config, vocab)
         echoed = await _echo(sampler, vocab, plan) if plan.echo else None
         job = Job(plan, options, asyncio.get_running_loop())
         scheduler.submit(job)
         metrics.inc("prompt_characters_total", sum(len(p) for p in plan.prompts[::plan.n]))
         if plan.stream:
             metrics.inc("requests_total", status="200")
-            return StreamingResponse(_stream(job, echoed, scheduler, metrics, model_name),
+            return StreamingResponse(_stream(job, echoed, vocab, scheduler, metrics, model_name),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _collect(job, echoed, request, scheduler, metrics, model_name)
+        return await _collect(job, echoed, vocab, request, scheduler, metrics, model_name)
 
     @app.get("/v1/models")
     async def models():
@@ -233,8 +236,8 @@ def _mount_page(app: FastAPI) -> None:
 class _Choices:
     """Per-choice text, log-probabilities and offsets, built from the prompt echo and the events."""
 
-    def __init__(self, plan: Plan, echoed):
-        self.plan = plan
+    def __init__(self, plan: Plan, echoed, vocab):
+        self.plan, self.vocab = plan, vocab
         self.text = [[] for _ in plan.prompts]
         self.logprobs = [[] for _ in plan.prompts]
         self.top = [[] for _ in plan.prompts]
@@ -244,6 +247,15 @@ class _Choices:
         if echoed is not None:
             for i, (prompt, lps, tops) in enumerate(echoed):
                 self.add(i, prompt, lps, tops, generated=False)
+
+    def add_event(self, event) -> dict | None:
+        """Appends a `batching.Event`'s characters to its choice; returns their `logprobs` block."""
+        from jaxgpt.serving.backend import top_dicts
+
+        if event.logprobs is None:
+            return self.add(event.tag.index, event.text, None, None)
+        top = top_dicts(self.vocab, event.top_ids, event.top_logprobs) if self.plan.logprobs else None
+        return self.add(event.tag.index, event.text, event.logprobs, top)
 
     def add(self, i: int, text: str, logprobs, top, *, generated: bool = True) -> dict:
         """Appends characters to choice i; returns their `logprobs` block (or None)."""
@@ -288,9 +300,9 @@ def _chunk(plan: Plan, model_name: str, choices: list[dict]) -> bytes:
     return protocol.sse(protocol.completion_body(plan, model_name, choices, None))
 
 
-async def _stream(job: Job, echoed, scheduler: Scheduler, metrics: Metrics, model_name: str):
+async def _stream(job: Job, echoed, vocab, scheduler: Scheduler, metrics: Metrics, model_name: str):
     """Server-sent events: one chunk per event (a few characters of one choice), then [DONE]."""
-    plan, state = job.plan, _Choices(job.plan, None)
+    plan, state = job.plan, _Choices(job.plan, None, vocab)
     first = None
     try:
         if echoed is not None:
@@ -303,7 +315,7 @@ async def _stream(job: Job, echoed, scheduler: Scheduler, metrics: Metrics, mode
                 yield protocol.sse(protocol.error_body(item.message, type=item.type, code=str(item.status)))
                 break
             i = item.tag.index
-            block = state.add(i, item.text, item.logprobs, item.top_logprobs)
+            block = state.add_event(item)
             if item.text and first is None:
                 first = time.perf_counter()
                 metrics.observe("first_character_seconds", first - job.arrived)
@@ -327,9 +339,10 @@ async def _stream(job: Job, echoed, scheduler: Scheduler, metrics: Metrics, mode
         scheduler.cancel(job)  # frees the slots of a client that went away; a no-op when all finished
 
 
-async def _collect(job: Job, echoed, request: Request, scheduler: Scheduler, metrics: Metrics, model_name: str):
+async def _collect(job: Job, echoed, vocab, request: Request, scheduler: Scheduler, metrics: Metrics,
+                   model_name: str):
     """The whole answer as one JSON body; a client that disconnects first frees its slots."""
-    plan, state = job.plan, _Choices(job.plan, echoed)
+    plan, state = job.plan, _Choices(job.plan, echoed, vocab)
     watcher = asyncio.create_task(_watch_disconnect(request, job, scheduler))
     first = None
     try:
@@ -340,7 +353,7 @@ async def _collect(job: Job, echoed, request: Request, scheduler: Scheduler, met
                 return Response(status_code=499)  # nobody reads it; frees the handler
             if isinstance(item, Failure):
                 raise APIError(item.status, item.message, type=item.type)
-            state.add(item.tag.index, item.text, item.logprobs, item.top_logprobs)
+            state.add_event(item)
             if item.text and first is None:
                 first = time.perf_counter()
                 metrics.observe("first_character_seconds", first - job.arrived)

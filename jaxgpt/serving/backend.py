@@ -15,9 +15,9 @@ _OPTION_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"
 
 def as_sampler(model):
     """A `jaxgpt.Sampler` (parameters split and placed once) for a GPT or a Sampler."""
-    from jaxgpt.generate import Sampler
+    from jaxgpt.batching import as_sampler
 
-    return model if isinstance(model, Sampler) else Sampler(model)
+    return as_sampler(model)
 
 
 class EngineUnavailable(RuntimeError):
@@ -43,17 +43,18 @@ def make_batcher(sampler, slots: int, vocab, devices):
     return Batcher(sampler, slots, vocab=vocab, devices=devices)
 
 
-def make_options(values: dict, vocab):
-    """`jaxgpt.requests.Options` of a validated request; the engine's own check is the last word.
+def make_options(values: dict, config, vocab):
+    """`jaxgpt.Options` of a validated request, checked as the engine will (400 on any ValueError).
 
-    protocol.plan has checked every value it knows about; a ValueError from `Options.validate`
-    still answers 400, naming the first option its message mentions.
+    protocol.plan has checked every value it knows about; the engine's own check is the last
+    word (e.g. a logit_bias banning every character), answered 400 naming the option its
+    message mentions.
     """
-    from jaxgpt.requests import Options
+    from jaxgpt.options import Options
 
     try:
         options = Options(**values)
-        options.validate(vocab)
+        options.engine_row(vocab, config.vocab_size, config.context_length)
     except ValueError as e:
         message = str(e)
         param = next((name for name in _OPTION_FIELDS if name in message), None)
@@ -62,20 +63,31 @@ def make_options(values: dict, vocab):
 
 
 def warm_up(batcher, vocab, context_length: int) -> None:
-    """Compiles the engine's programs now: a prompt of every prefill bucket, one chunk each."""
-    from jaxgpt.requests import Options
+    """Compiles the engine's programs now: prefill at every prompt bucket, insert, a chunk, release.
 
-    length, lengths = 1, [0]
-    while length < context_length:
-        lengths.append(length)
-        length *= 2
+    The prefill buckets are 1, 2, 4, ..., C tokens (a prompt of p characters prefills p - 1);
+    a 1-character prompt prefills nothing.
+    """
+    from jaxgpt.options import Options
+
+    lengths, bucket = [1], 1
+    while bucket < context_length:
+        lengths.append(bucket + 1)
+        bucket *= 2
     lengths.append(context_length)
-    char = vocab.decode([0])
+    char = vocab.chars[0]
     for n in lengths:
-        slot = batcher.add(char * n, 2, Options(), 0, 0)
-        batcher.step()
-        if batcher.active():
-            batcher.cancel(slot)
+        slot = batcher.add(char * n, 1 << 20, Options(logprobs=1), seed=0, stream=0)
+        batcher.step(1)
+        batcher.cancel(slot)
+
+
+def top_dicts(vocab, top_ids, top_logprobs) -> list[dict[str, float]] | None:
+    """Per character, {character: log-probability} of the likeliest ones, most likely first."""
+    if top_ids is None:
+        return None
+    chars = vocab.chars
+    return [{chars[int(i)]: float(lp) for i, lp in zip(ids, lps)} for ids, lps in zip(top_ids, top_logprobs)]
 
 
 def prompt_logprobs(sampler, vocab, prompt: str, top: int, mode: str = "exact", stride: int | None = None):
@@ -96,6 +108,5 @@ def prompt_logprobs(sampler, vocab, prompt: str, top: int, mode: str = "exact", 
     scores = score_details(sampler, prompt, vocab=vocab, mode=mode, stride=stride, top=max(top, 1))
     tops = None
     if top:
-        chars = vocab.decode(scores.top_ids.reshape(-1))
-        tops = [{chars[i * top + j]: float(scores.top_logprobs[i, j]) for j in range(top)} for i in range(len(prompt))]
+        tops = top_dicts(vocab, scores.top_ids[:, :top], scores.top_logprobs[:, :top])
     return [float(x) for x in scores.logprobs], tops

@@ -248,7 +248,7 @@ def plan(request: CompletionRequest, limits: Limits) -> Plan:
         raise _bad("best_of", "is not supported by this server (only best_of = n)")
     options = dict(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
                    repetition_penalty=r.repetition_penalty, logit_bias=bias or None, stop=tuple(stop),
-                   logprobs=r.logprobs, mode=r.mode, stride=r.stride)
+                   logprobs=None if r.logprobs is None else max(r.logprobs, 1), mode=r.mode, stride=r.stride)
     return Plan(prompts=tuple(p for p in prompts for _ in range(r.n)), max_chars=r.max_tokens,
                 options=options, seed=secrets.randbelow(MAX_SEED) if r.seed is None else r.seed,
                 echo=r.echo, logprobs=r.logprobs, stream=r.stream,

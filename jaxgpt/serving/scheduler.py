@@ -106,10 +106,17 @@ class Scheduler:
       make_batcher: builds the engine (called once, and again after a failed step).
       max_queue: most rows waiting for a slot; beyond it `submit` answers 429.
       metrics: a `serving.metrics.Metrics` or None.
+      chunk: steps per `Batcher.step` (None: the engine's longest chunk). Shorter chunks let new
+        requests in sooner and stream in smaller pieces; longer ones cost less per character.
+      first_chunk: steps of the chunk right after a row is admitted (None: a full chunk), so
+        a new request's first characters come sooner; chunking never changes the output.
     """
 
-    def __init__(self, make_batcher: Callable[[], object], *, max_queue: int, metrics=None):
+    def __init__(self, make_batcher: Callable[[], object], *, max_queue: int, metrics=None,
+                 chunk: int | None = None, first_chunk: int | None = 8):
         self._make_batcher = make_batcher
+        self.chunk, self.first_chunk = chunk, first_chunk
+        self._fresh = False  # a row was admitted since the last step
         self.batcher = make_batcher()
         self.slots = self.batcher.free_slots()
         self.max_queue = max_queue
@@ -232,21 +239,23 @@ class Scheduler:
             if job.closed:
                 continue
             try:
-                row.slot = self.batcher.add(row.prompt, job.plan.max_chars, job.options, job.plan.seed,
-                                            row.index, tag=row)
+                row.slot = self.batcher.add(row.prompt, job.plan.max_chars, job.options, seed=job.plan.seed,
+                                            stream=row.index, tag=row)
             except Exception as e:  # noqa: BLE001 - one request's fault ends that request only
                 log.exception("request %s: adding row %d failed", job.plan.id, row.index)
                 self._fail([job], Failure(500, f"internal error while starting the request: {type(e).__name__}: {e}"))
                 continue
             self._running[row.slot] = row
+            self._fresh = True
             if job.admitted is None:
                 job.admitted = time.perf_counter()
                 if self.metrics:
                     self.metrics.observe("queue_seconds", job.admitted - job.arrived)
 
     def _step(self) -> None:
+        steps, self._fresh = (self.first_chunk if self._fresh else self.chunk), False
         try:
-            events = self.batcher.step()
+            events = self.batcher.step(steps)
         except Exception as e:  # noqa: BLE001
             log.exception("a generation step failed; ending the %d requests in it", len(self._running))
             self._rebuild(Failure(500, f"internal error during generation: {type(e).__name__}: {e}"))
