@@ -11,6 +11,7 @@ for a few seconds, ends the rest with an error event, and exits 0.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
@@ -94,6 +95,11 @@ def serve_command(weights, vocab, host, port, max_batch, max_queue, max_tokens, 
             print(f"jaxgpt: ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         print(f"jaxgpt: serving {url} ({max_batch} slots; Ctrl-C stops)", flush=True)
 
+    log = logging.getLogger("jaxgpt.serve")  # a failed request's message and traceback
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("jaxgpt: %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
     Server(app, sock, on_ready=ready, log_level="warning" if not quiet else "error").run()
     if not quiet:
         print("jaxgpt: stopped", file=sys.stderr)

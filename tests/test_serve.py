@@ -13,9 +13,10 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
-from tests.serve_helpers import KEY, SLOTS, assert_choice_equals, offline, running_server, small_model
+from tests.serve_helpers import KEY, SLOTS, VOCAB, assert_choice_equals, offline, running_server, small_model
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -133,6 +134,21 @@ def test_echo_prepends_the_prompt(client):
     assert [c["text"] for c in first["choices"]] == ["ab", "c"]
 
 
+def test_echo_with_logprobs_scores_the_prompt_with_jaxgpt_score(client, model):
+    score = pytest.importorskip("jaxgpt.score")
+    body = {"prompt": "ROMEO", "max_tokens": 6, "seed": 2, "echo": True, "logprobs": 2}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    generated = offline(model, body, 2)[0]
+    assert choice["text"] == "ROMEO" + generated.text
+    lp = choice["logprobs"]
+    scored = score.score_details(model, "ROMEO", vocab=VOCAB, top=2)
+    np.testing.assert_array_equal(np.float32(lp["token_logprobs"][:5]), scored.logprobs)
+    np.testing.assert_array_equal(np.float32(lp["token_logprobs"][5:]), generated.logprobs)
+    assert [list(t) for t in lp["top_logprobs"][:5]] == [[VOCAB.chars[i] for i in ids] for ids in scored.top_ids]
+    assert lp["top_logprobs"][5:] == generated.top_logprobs
+    assert lp["text_offset"] == list(range(len(choice["text"])))
+
+
 def test_the_openai_client_works_unchanged(served, model):
     openai = pytest.importorskip("openai")
     api = openai.OpenAI(base_url=served[0].url + "/v1", api_key=KEY, max_retries=0)
@@ -178,6 +194,18 @@ def test_bad_requests_never_reach_the_engine(client, served):
     assert chunked.status_code == 413  # no Content-Length: counted while reading
     assert app.state.scheduler.steps == steps
     assert client.get("/nowhere").json()["error"]["message"] == "Not Found"
+
+
+def test_a_new_request_joins_a_running_batch_at_the_next_chunk(client, served, model):
+    scheduler = served[1].state.scheduler
+    with client.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 90_000, "stream": True}) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+        steps = scheduler.steps
+        short = {"prompt": "bc", "max_tokens": 40, "seed": 3}
+        answer = client.post("/v1/completions", json=short).json()
+        assert health(client)["slots"]["busy"] == 1  # the long one still runs
+    assert answer["choices"][0]["text"] == offline(model, short, 3)[0].text
+    assert scheduler.steps - steps <= 4  # 40 characters: it waited for no more than the chunk in progress
 
 
 def test_a_disconnected_stream_frees_its_slot_within_one_chunk(client, served):

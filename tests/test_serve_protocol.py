@@ -57,6 +57,7 @@ def test_schema_errors_are_422_naming_the_field(body, param):
     ({"prompt": "abZ"}, "prompt", "'Z'"),
     ({"prompt": ["ab", "Zq"]}, "prompt.1", "'Z', 'q'"),
     ({"prompt": []}, "prompt", "empty"),
+    ({"prompt": "a" * 101, "echo": True, "logprobs": 0}, "prompt", "at most 100 characters"),
     ({"max_tokens": 0}, "max_tokens", "[1, 100]"),
     ({"max_tokens": 101}, "max_tokens", "[1, 100]"),
     ({"n": 5}, "n", "4 slots"),

@@ -209,6 +209,10 @@ def plan(request: CompletionRequest, limits: Limits) -> Plan:
     for i, p in enumerate(prompts):
         _check_chars("prompt" if isinstance(r.prompt, str) else f"prompt.{i}", p, vocab)
     _check_range("max_tokens", r.max_tokens, 1, limits.max_tokens)
+    if r.echo and r.logprobs is not None and max(map(len, prompts)) > limits.max_tokens:
+        # Scoring costs up to one forward pass per character: bounded like generation.
+        raise _bad("prompt", f"with echo and logprobs a prompt has at most {limits.max_tokens} characters "
+                   f"(the server's cap), got {max(map(len, prompts))}")
     _check_range("n", r.n, 1)
     if len(prompts) * r.n > limits.max_batch:
         raise _bad("n", f"{len(prompts)} prompt(s) x n={r.n} = {len(prompts) * r.n} choices, more than "
