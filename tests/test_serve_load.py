@@ -145,5 +145,5 @@ def test_load_with_faults_keeps_every_answer_exact_and_frees_everything():
     assert health["slots"]["busy"] == 0 and health["queue"]["rows"] == 0
     assert metrics.value("errors_total", kind="500") == 0
     assert metrics.value("cancelled_total") >= 1
-    assert arrays_after == arrays_before
+    assert arrays_after <= arrays_before  # no engine array outlives its request
     assert rss_after - rss_before < 64 << 20, (rss_before, rss_after)
