@@ -17,12 +17,13 @@ import time
 
 import click
 
-from jaxgpt.cli import CLIError, default_weights, load_vocab
+from jaxgpt.cli import CLIError, load_model
 
 
 @click.command("serve")
 @click.option("--weights", type=str, default=None, metavar="PATH",
-              help="Checkpoint: torch .pt, .safetensors or jaxgpt orbax directory [default: the bundled one].")
+              help="Checkpoint: torch .pt, .safetensors, jaxgpt orbax directory or jaxgpt train --out directory "
+                   "[default: the bundled one].")
 @click.option("--vocab", type=str, default=None, metavar="JSON",
               help="id -> character JSON [default: vocab.json beside the weights, else the published 104 characters].")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -63,19 +64,12 @@ def serve_command(weights, vocab, host, port, max_batch, max_queue, max_tokens, 
     from jaxgpt import compile_cache
 
     cache = compile_cache.enable()
-    from porting import load_weights
-
     from jaxgpt.serving.app import create_app
     from jaxgpt.serving.backend import EngineUnavailable
     from jaxgpt.serving.server import Server
 
-    path = weights if weights is not None else default_weights()
-    characters, vocab_source = load_vocab(vocab, path)
-    model = load_weights(path)
+    model, path, characters, _ = load_model(weights, vocab)
     config = model.config
-    if characters.size != config.vocab_size:
-        raise CLIError(f"{vocab_source} has {characters.size} characters but {path} has "
-                       f"vocab_size {config.vocab_size}: pass the checkpoint's vocabulary with --vocab")
     if devices is not None:
         import jax
 
