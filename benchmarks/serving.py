@@ -1,20 +1,21 @@
 """`python -m benchmarks.serving [--json OUT] [--markdown OUT] [--quick]`: `jaxgpt serve` under load.
 
-The server runs as `jaxgpt serve` in its own process (the default checkpoint, --max-batch M),
+The server runs as `jaxgpt serve` in its own process (the default checkpoint, --max-batch M = 32),
 as it would be deployed; the clients are asyncio httpx streams in this process. For each
-workload (mode exact / strided, 100 / 400 characters per request) and each concurrency c in
-1, 8, 32, 64, c clients send their requests back to back (distinct prompts and seeds), and
-we measure:
+workload (mode exact / strided, 100 / 400 characters per request, prompts of 4-24 characters
+cut from the corpus, one seed per request) and each concurrency c in 1, 8, 32, 64, c clients
+send c requests at once (one at a time: 4 requests, 2 of 400 characters, one after the other):
 
-  chars/s        generated characters of all requests / wall time of the whole burst
+  chars/s        generated characters of all requests / wall time of the burst
   TTFC p50/p99   time from sending a request to its first generated character
   last p50/p99   time from sending a request to its last character
 
-and two references of the same requests: "one at a time" (c = 1: the server with one
-client, no batching across requests) and "offline" (`jaxgpt.complete(model, prompts,
-max_chars, slots=M)` of the same batch in this process while the server idles). Rounds of
-the server at c, the server one at a time and offline alternate (benchmarks.harness.interleave)
-so that machine noise falls on all alike; medians are reported.
+Two references: "one at a time" (c = 1: the server with one client, so no batching across
+requests) and "offline" (`jaxgpt.complete(model, prompts, max_chars, seed=[...], slots=M)` of
+the same requests in this process while the server idles). All cases of a workload run in
+interleaved rounds (benchmarks.harness.interleave: warm-up round discarded, order rotated) so
+that machine noise falls on all alike; 400 exact characters re-encode the whole window at every
+step past the 128th, so that workload runs one round.
 
 Targets on the 2-core CPU (issue 14): at 32 concurrent 100-character exact requests, >= 8x the
 one-at-a-time throughput and within 1.3x of offline `complete`; p99 TTFC under 32-way load
@@ -37,7 +38,9 @@ import httpx
 from benchmarks.harness import cpu_description, interleave
 
 CONCURRENCY = (1, 8, 32, 64)
-WORKLOADS = (("exact", 100), ("strided", 100), ("exact", 400), ("strided", 400))
+# (mode, characters per request, most rounds): 400 exact characters re-encode the whole window at
+# every step past the 128th (about 36 s per burst of 32 at 32 slots), so that workload runs once.
+WORKLOADS = (("exact", 100, 99), ("strided", 100, 99), ("exact", 400, 1), ("strided", 400, 99))
 PROMPT_CHARS = (4, 24)  # prompt lengths drawn in this range: 100 characters stay within the window
 
 
@@ -111,9 +114,14 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
+def requests_at(c: int, chars: int) -> int:
+    """Requests per burst: one per client; one at a time, 4 (100 characters) or 2 (longer)."""
+    return c if c > 1 else (4 if chars <= 100 else 2)
+
+
 def run(args) -> dict:
     import jaxgpt
-    from jaxgpt.generate import Sampler
+    from jaxgpt.batching import Sampler
     from porting import load_weights
 
     weights = args.weights or jaxgpt.DEFAULT_WEIGHTS
@@ -123,65 +131,67 @@ def run(args) -> dict:
     proc, url = start_server(args.weights, args.slots, args.chunk)
     rows = []
     try:
-        for mode, chars in args.workloads:
-            for c in args.concurrency:
-                count = max(c, args.min_requests)
-                bodies = [{"prompt": p, "max_tokens": chars, "seed": i, "mode": mode}
-                          for i, p in enumerate(prompts_for(count, corpus, seed=c))]
-                alone = bodies[:args.alone_requests]
-                cases = {
-                    "server": lambda warm, b=bodies, c=c: asyncio.run(burst(url, b[:4] if warm else b, c)),
-                    "one_at_a_time": lambda warm, b=alone: asyncio.run(burst(url, b[:1] if warm else b, 1)),
-                    "offline": lambda warm, b=bodies: _offline(model, b[:4] if warm else b, chars, mode, args.slots),
-                }
-                if c == 1:
-                    cases.pop("one_at_a_time")  # the server at concurrency 1 is that
-                measured = interleave(cases, reps=args.rounds, warmup=1,
-                                      progress=lambda s, m=mode, n=chars, c=c: print(f"  {m} {n} c={c}: {s}",
-                                                                                     file=sys.stderr))
-                rows.append(_row(mode, chars, c, len(bodies), measured))
+        for mode, chars, max_rounds in args.workloads:
+            bodies = {c: [{"prompt": p, "max_tokens": chars, "seed": i, "mode": mode}
+                          for i, p in enumerate(prompts_for(requests_at(c, chars), corpus, seed=c))]
+                      for c in args.concurrency}
+            cases = {}
+            for c, b in bodies.items():
+                # Warm-up rounds (discarded) send 2 short requests: compiled programs, pools and caches.
+                cases[f"server c={c}"] = lambda warm, b=b, c=c: asyncio.run(
+                    burst(url, _short(b) if warm else b, c))
+                if c > 1:
+                    cases[f"offline c={c}"] = lambda warm, b=b: _offline(model, _short(b) if warm else b, mode,
+                                                                         args.slots)
+            rounds = min(args.rounds, max_rounds)
+            measured = interleave(cases, reps=rounds, warmup=1,
+                                  progress=lambda s, m=mode, n=chars: print(f"  {m} {n}: {s}", file=sys.stderr))
+            alone = statistics.median(r["chars_per_s"] for r in measured["server c=1"].runs)
+            for c, b in bodies.items():
+                rows.append(_row(mode, chars, c, len(b), rounds, measured, alone))
                 print(_line(rows[-1]), file=sys.stderr)
     finally:
         proc.terminate()
         proc.wait(30)
     return {"device": cpu_description(), "slots": args.slots, "chunk": args.chunk, "weights": os.path.basename(weights),
-            "rounds": args.rounds, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "versions": _versions(), "results": rows}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "versions": _versions(), "results": rows}
 
 
-def _offline(model, bodies, chars, mode, slots) -> dict:
+def _short(bodies: list[dict]) -> list[dict]:
+    return [{**b, "max_tokens": 4} for b in bodies[:2]]
+
+
+def _offline(model, bodies, mode, slots) -> dict:
     import jaxgpt
 
     start = time.perf_counter()
-    out = jaxgpt.complete(model, [b["prompt"] for b in bodies], chars, seed=[b["seed"] for b in bodies],
-                          mode=mode, slots=slots)
+    out = jaxgpt.complete(model, [b["prompt"] for b in bodies], [b["max_tokens"] for b in bodies],
+                          seed=[b["seed"] for b in bodies], mode=mode, slots=slots)
     wall = time.perf_counter() - start
     n = sum(len(c.text) for c in out)
     return {"seconds": wall, "chars": n, "chars_per_s": n / wall}
 
 
-def _row(mode, chars, c, requests, measured) -> dict:
-    def median(name, key):
-        return statistics.median(r[key] for r in measured[name].runs)
-
-    server = measured["server"].runs
+def _row(mode, chars, c, requests, rounds, measured, alone) -> dict:
+    server = measured[f"server c={c}"].runs
     ttfc = [t for r in server for t in r["ttfc"]]
     last = [t for r in server for t in r["last"]]
-    row = {"mode": mode, "chars": chars, "concurrency": c, "requests": requests,
-           "chars_per_s": median("server", "chars_per_s"),
+    row = {"mode": mode, "chars": chars, "concurrency": c, "requests": requests, "rounds": rounds,
+           "chars_per_s": statistics.median(r["chars_per_s"] for r in server),
            "ttfc_p50": percentile(ttfc, 0.5), "ttfc_p99": percentile(ttfc, 0.99),
            "last_p50": percentile(last, 0.5), "last_p99": percentile(last, 0.99),
-           "offline_chars_per_s": median("offline", "chars_per_s")}
-    alone = median("one_at_a_time", "chars_per_s") if "one_at_a_time" in measured else row["chars_per_s"]
-    row["one_at_a_time_chars_per_s"] = alone
+           "one_at_a_time_chars_per_s": alone}
     row["vs_one_at_a_time"] = row["chars_per_s"] / alone
-    row["offline_over_server"] = row["offline_chars_per_s"] / row["chars_per_s"]
+    if c > 1:
+        row["offline_chars_per_s"] = statistics.median(r["chars_per_s"] for r in measured[f"offline c={c}"].runs)
+        row["offline_over_server"] = row["offline_chars_per_s"] / row["chars_per_s"]
     return row
 
 
 def _line(r) -> str:
+    offline = f"offline {r['offline_over_server']:.2f}x faster" if "offline_over_server" in r else "one at a time"
     return (f"{r['mode']:7} {r['chars']:3} chars, c={r['concurrency']:2}: {r['chars_per_s']:8.0f} chars/s "
-            f"(x{r['vs_one_at_a_time']:.1f} one at a time; offline {r['offline_over_server']:.2f}x faster), "
+            f"(x{r['vs_one_at_a_time']:.1f} one at a time; {offline}), "
             f"TTFC p50/p99 {r['ttfc_p50'] * 1e3:.0f}/{r['ttfc_p99'] * 1e3:.0f} ms, "
             f"last p50/p99 {r['last_p50']:.2f}/{r['last_p99']:.2f} s")
 
@@ -200,14 +210,16 @@ def _versions() -> dict:
 def markdown(doc: dict) -> str:
     lines = [f"# `jaxgpt serve` under load ({doc['weights']}, {doc['slots']} slots)", "",
              f"- device: {doc['device']}", f"- versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()),
-             f"- date: {doc['date']}; {doc['rounds']} interleaved rounds per row (median); the server is "
-             "`jaxgpt serve` in its own process, the clients asyncio httpx streams in another", "",
-             "| mode | chars | clients | requests | chars/s | x one at a time | offline / server | TTFC p50 ms | "
-             "TTFC p99 ms | last p50 s | last p99 s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"- date: {doc['date']}; the server is `jaxgpt serve` in its own process, the clients asyncio httpx "
+             "streams in this one; the cases of a workload run in interleaved rounds (median chars/s; TTFC and "
+             "last over every request of every round)", "",
+             "| mode | chars | clients | requests | rounds | chars/s | x one at a time | offline / server | "
+             "TTFC p50 ms | TTFC p99 ms | last p50 s | last p99 s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in doc["results"]:
-        lines.append(f"| {r['mode']} | {r['chars']} | {r['concurrency']} | {r['requests']} | {r['chars_per_s']:,.0f} | "
-                     f"{r['vs_one_at_a_time']:.1f}x | {r['offline_over_server']:.2f}x | {r['ttfc_p50'] * 1e3:.0f} | "
+        offline = f"{r['offline_over_server']:.2f}x" if "offline_over_server" in r else "-"
+        lines.append(f"| {r['mode']} | {r['chars']} | {r['concurrency']} | {r['requests']} | {r['rounds']} | "
+                     f"{r['chars_per_s']:,.0f} | {r['vs_one_at_a_time']:.1f}x | {offline} | {r['ttfc_p50'] * 1e3:.0f} | "
                      f"{r['ttfc_p99'] * 1e3:.0f} | {r['last_p50']:.2f} | {r['last_p99']:.2f} |")
     lines += ["", "x one at a time: the server's throughput at that concurrency over the same server with one "
               "client. offline / server: `jaxgpt.complete(..., slots=M)` of the same requests in one call, over the "
@@ -228,10 +240,12 @@ def main(argv=None) -> int:
                    help="comma-separated client counts (default 1,8,32,64)")
     p.add_argument("--chars", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                    help="comma-separated characters per request (default 100,400)")
+    p.add_argument("--modes", type=lambda s: tuple(s.split(",")), default=None, help="exact,strided")
     args = p.parse_args(argv)
     args.workloads = [w for w in (WORKLOADS[:2] if args.quick else WORKLOADS) if args.chars is None or w[1] in args.chars]
+    if args.modes is not None:
+        args.workloads = [w for w in args.workloads if w[0] in args.modes]
     args.rounds = 2 if args.quick else args.rounds
-    args.min_requests, args.alone_requests = 8, 4
     doc = run(args)
     from jaxgpt.atomic import write_json, write_text
 
