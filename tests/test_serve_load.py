@@ -13,7 +13,6 @@ import gc
 import json
 import os
 import random
-import time
 
 import httpx
 import jax
@@ -118,12 +117,10 @@ def settled_memory():
 def test_load_with_faults_keeps_every_answer_exact_and_frees_everything():
     model = small_model(seed=9)
     with running_server(model, max_batch=SLOTS, max_queue=32, max_tokens=100_000) as (server, app):
-        asyncio.run(load(server.url, make_plan(random.Random(1))[:40]))  # first use: caches and pools
+        asyncio.run(load(server.url, make_plan(random.Random(1))[:120]))  # first use: caches, pools, heap
         rss_before, arrays_before = settled_memory()
         plan = make_plan(random.Random(2))
-        started = time.perf_counter()
         results = asyncio.run(load(server.url, plan))
-        print(f"load: {time.perf_counter() - started:.1f} s")
         rss_after, arrays_after = settled_memory()
         health = httpx.get(server.url + "/health").json()
         metrics = app.state.metrics
@@ -146,4 +143,4 @@ def test_load_with_faults_keeps_every_answer_exact_and_frees_everything():
     assert metrics.value("errors_total", kind="500") == 0
     assert metrics.value("cancelled_total") >= 1
     assert arrays_after <= arrays_before  # no engine array outlives its request
-    assert rss_after - rss_before < 64 << 20, (rss_before, rss_after)
+    assert rss_after - rss_before < 16 << 20, (rss_before, rss_after)
