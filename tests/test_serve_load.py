@@ -16,7 +16,6 @@ import random
 
 import httpx
 import jax
-import pytest
 
 from tests.serve_helpers import SLOTS, assert_choice_equals, offline, running_server, small_model
 
