@@ -130,7 +130,8 @@ def test_logprobs_block_and_sse_wire_format():
 
 
 def test_metrics_render_prometheus_text():
-    m = Metrics(gauges={"slots_busy": ("busy", lambda: 3)})
+    m = Metrics()
+    m.gauge("slots_busy", "busy", lambda: 3)
     m.inc("requests_total", status="200")
     m.inc("requests_total", status="200")
     m.inc("requests_total", status='4"0')

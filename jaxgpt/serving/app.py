@@ -130,15 +130,12 @@ def create_app(model, *, vocab=None, max_batch: int = 32, max_queue: int = 256, 
     limits = protocol.Limits(vocab=vocab, max_batch=max_batch, max_tokens=max_tokens,
                              context_length=config.context_length, model_name=model_name,
                              **backend.stop_limits())
-    scheduler_ref: list[Scheduler] = []
-    metrics = Metrics(gauges={
-        "slots_busy": ("Engine slots generating now.", lambda: scheduler_ref[0].busy),
-        "slots_total": ("Engine slots (--max-batch).", lambda: scheduler_ref[0].slots),
-        "queue_rows": ("Rows waiting for a slot.", lambda: scheduler_ref[0].queued),
-    })
+    metrics = Metrics()
     scheduler = Scheduler(lambda: backend.make_batcher(sampler, max_batch, vocab, devices),
                           max_queue=max_queue, metrics=metrics, chunk=chunk, first_chunk=first_chunk)
-    scheduler_ref.append(scheduler)
+    metrics.gauge("slots_busy", "Engine slots generating now.", lambda: scheduler.busy)
+    metrics.gauge("slots_total", "Engine slots (--max-batch).", lambda: scheduler.slots)
+    metrics.gauge("queue_rows", "Rows waiting for a slot.", lambda: scheduler.queued)
     if warm_up:
         backend.warm_up(scheduler.batcher, vocab, config.context_length)
 

@@ -30,11 +30,15 @@ class Metrics:
         "request_seconds": "Time from a request's arrival to its last character.",
     }
 
-    def __init__(self, gauges: dict[str, tuple[str, Callable[[], float]]] | None = None):
+    def __init__(self):
         self._lock = threading.Lock()
         self._counters: dict[str, dict[tuple, float]] = {name: {} for name in self.COUNTERS}
         self._histograms = {name: ([0] * (len(SECONDS_BUCKETS) + 1), [0.0]) for name in self.HISTOGRAMS}
-        self._gauges = gauges or {}
+        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def gauge(self, name: str, help_: str, read: Callable[[], float]) -> None:
+        """A gauge whose value `read()` gives at each scrape."""
+        self._gauges[name] = (help_, read)
 
     def inc(self, name: str, value: float = 1.0, **labels) -> None:
         key = tuple(sorted(labels.items()))
