@@ -22,7 +22,7 @@ class Metrics:
         "prompt_characters_total": "Prompt characters of accepted requests.",
         "generated_characters_total": "Characters generated and sent.",
         "errors_total": "Requests that ended with an error, by kind.",
-        "cancelled_total": "Rows cancelled because their client went away.",
+        "cancelled_total": "Rows stopped before their end: the client went away, or a shutdown.",
     }
     HISTOGRAMS = {
         "queue_seconds": "Time from a request's arrival until its first row got a slot.",

@@ -189,7 +189,7 @@ class Scheduler:
                     break
                 closing, self._closing = self._closing, []
                 if closing or self._drain_deadline is not None:
-                    self._drop_pending()
+                    closing += self._drop_pending()
             self._free(closing)
             if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
                 self._fail({row.job for row in self._running.values()},
@@ -202,15 +202,22 @@ class Scheduler:
         self._fail({row.job for row in self._running.values()} | {row.job for row in self._pending},
                    Failure(503, "the server stopped"), log_it=False)
 
-    def _drop_pending(self) -> None:
-        """(Lock held.) Removes rows of closed jobs; when draining, fails every queued job."""
+    def _drop_pending(self) -> list[Job]:
+        """(Lock held.) Removes rows of closed jobs; when draining, fails every queued job.
+
+        Returns the jobs it failed: their rows already in a slot must be freed too.
+        """
+        failed = []
         if self._drain_deadline is not None:
             for job in {row.job for row in self._pending}:
-                job.closed = True
-                job.post(Failure(503, "the server is shutting down"))
+                if not job.closed:
+                    job.closed = True
+                    job.post(Failure(503, "the server is shutting down"))
+                    failed.append(job)
             self._pending.clear()
         elif any(row.job.closed for row in self._pending):
             self._pending = deque(row for row in self._pending if not row.job.closed)
+        return failed
 
     def _free(self, jobs) -> None:
         for job in jobs:
