@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -99,12 +100,20 @@ async def burst(url: str, bodies: list[dict], concurrency: int) -> dict:
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        engine = await engine_seconds(client)
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
+        engine = await engine_seconds(client) - engine
     chars = sum(r["chars"] for r in results)
-    return {"seconds": wall, "chars": chars, "chars_per_s": chars / wall,
+    return {"seconds": wall, "chars": chars, "chars_per_s": chars / wall, "engine_share": engine / wall,
             "ttfc": [r["ttfc"] for r in results], "last": [r["last"] for r in results]}
+
+
+async def engine_seconds(client: httpx.AsyncClient) -> float:
+    """The server's jaxgpt_engine_seconds_total: its scheduler's time in prefill, insert and chunks."""
+    text = (await client.get("/metrics")).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("jaxgpt_engine_seconds_total ")))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -178,6 +187,7 @@ def _row(mode, chars, c, requests, rounds, measured, alone) -> dict:
     last = [t for r in server for t in r["last"]]
     row = {"mode": mode, "chars": chars, "concurrency": c, "requests": requests, "rounds": rounds,
            "chars_per_s": statistics.median(r["chars_per_s"] for r in server),
+           "engine_share": statistics.median(r["engine_share"] for r in server),
            "ttfc_p50": percentile(ttfc, 0.5), "ttfc_p99": percentile(ttfc, 0.99),
            "last_p50": percentile(last, 0.5), "last_p99": percentile(last, 0.99),
            "one_at_a_time_chars_per_s": alone}
@@ -214,20 +224,23 @@ def markdown(doc: dict) -> str:
              "streams in this one; the cases of a workload run in interleaved rounds (median chars/s; TTFC and "
              "last over every request of every round)", "",
              "| mode | chars | clients | requests | rounds | chars/s | x one at a time | offline / server | "
-             "TTFC p50 ms | TTFC p99 ms | last p50 s | last p99 s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "engine busy | TTFC p50 ms | TTFC p99 ms | last p50 s | last p99 s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in doc["results"]:
         offline = f"{r['offline_over_server']:.2f}x" if "offline_over_server" in r else "-"
         lines.append(f"| {r['mode']} | {r['chars']} | {r['concurrency']} | {r['requests']} | {r['rounds']} | "
-                     f"{r['chars_per_s']:,.0f} | {r['vs_one_at_a_time']:.1f}x | {offline} | {r['ttfc_p50'] * 1e3:.0f} | "
+                     f"{r['chars_per_s']:,.0f} | {r['vs_one_at_a_time']:.1f}x | {offline} | {r['engine_share']:.0%} | "
+                     f"{r['ttfc_p50'] * 1e3:.0f} | "
                      f"{r['ttfc_p99'] * 1e3:.0f} | {r['last_p50']:.2f} | {r['last_p99']:.2f} |")
     lines += ["", "x one at a time: the server's throughput at that concurrency over the same server with one "
               "client. offline / server: `jaxgpt.complete(..., slots=M)` of the same requests in one call, over the "
-              "server (1.0 = no serving overhead)."]
+              "server (1.0 = no serving overhead). engine busy: the share of the burst's wall time the server's "
+              "scheduler spent in the engine (prefill, insert, chunks; `jaxgpt_engine_seconds_total`)."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally clauses: stop the server
     p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--markdown", metavar="OUT")

@@ -23,6 +23,7 @@ class Metrics:
         "generated_characters_total": "Characters generated and sent.",
         "errors_total": "Requests that ended with an error, by kind.",
         "cancelled_total": "Rows stopped before their end: the client went away, or a shutdown.",
+        "engine_seconds_total": "Time the scheduler spent in the engine (prefill and insert, chunks).",
     }
     HISTOGRAMS = {
         "queue_seconds": "Time from a request's arrival until its first row got a slot.",

@@ -237,6 +237,14 @@ class Scheduler:
             self._rebuild(Failure(500, f"internal error while freeing a slot: {type(e).__name__}: {e}"))
 
     def _admit(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._admit_rows()
+        finally:
+            if self.metrics:
+                self.metrics.inc("engine_seconds_total", time.perf_counter() - started)
+
+    def _admit_rows(self) -> None:
         while self.batcher.free_slots() > 0:
             with self._cond:
                 if not self._pending:
@@ -261,8 +269,11 @@ class Scheduler:
 
     def _step(self) -> None:
         steps, self._fresh = (self.first_chunk if self._fresh else self.chunk), False
+        started = time.perf_counter()
         try:
             events = self.batcher.step(steps)
+            if self.metrics:
+                self.metrics.inc("engine_seconds_total", time.perf_counter() - started)
         except Exception as e:  # noqa: BLE001
             log.exception("a generation step failed; ending the %d requests in it", len(self._running))
             self._rebuild(Failure(500, f"internal error during generation: {type(e).__name__}: {e}"))
