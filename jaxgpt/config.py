@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from jaxgpt.validation import number, positive_int
+
 Variant = Literal["drake", "learning"]
 VARIANTS: tuple[str, ...] = ("drake", "learning")
 
@@ -34,9 +36,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "model_dim", "num_blocks", "num_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            positive_int(getattr(self, name), f"GPTConfig.{name}")
         if self.model_dim % self.num_heads:
             # The notebook concatenates num_heads heads of model_dim // num_heads features back
             # into the model_dim residual stream, so the division must be exact.
@@ -45,8 +45,7 @@ class GPTConfig:
             )
         if self.variant not in VARIANTS:
             raise ValueError(f"GPTConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        number(self.dropout, "GPTConfig.dropout", 0.0, 1.0, high_open=True)
 
     @property
     def head_size(self) -> int:

@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxgpt import sharding
 from jaxgpt.data import DataError, eval_windows
+from jaxgpt.validation import positive_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +135,7 @@ def evaluate(model, tokens: np.ndarray, *, batch_size: int = 32, progress: bool 
     Returns:
       `EvalResult`: per-character sums accumulated in float64 across batches.
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batch_size = positive_int(batch_size, "batch_size")
     config = model.config
     _check_ids(tokens, config.vocab_size)
     chosen = sharding.resolve_devices(devices)

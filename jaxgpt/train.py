@@ -37,6 +37,7 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.data import Split, get_batch
 from jaxgpt.model import GPT
 from jaxgpt.runs import HISTORY_FILE, open_run
+from jaxgpt.validation import integer, number, positive_int
 
 
 class DataParallelError(ValueError):
@@ -68,12 +69,14 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_interval", "eval_batches", "checkpoint_interval", "log_interval"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.learning_rate <= 0 or self.min_learning_rate < 0:
-            raise ValueError("learning rates must be positive and warmup_steps >= 0")
-        if self.grad_clip <= 0 or self.weight_decay < 0:
-            raise ValueError("grad_clip must be positive and weight_decay >= 0")
+            positive_int(getattr(self, name), f"TrainConfig.{name}")
+        integer(self.warmup_steps, "TrainConfig.warmup_steps", low=0)
+        integer(self.seed, "TrainConfig.seed", low=0)
+        for name, low_open in (("learning_rate", True), ("min_learning_rate", False), ("grad_clip", True),
+                               ("weight_decay", False)):
+            number(getattr(self, name), f"TrainConfig.{name}", low=0.0, low_open=low_open)
+        for name in ("beta1", "beta2"):
+            number(getattr(self, name), f"TrainConfig.{name}", 0.0, 1.0, high_open=True)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -248,3 +248,18 @@ def test_first_step_matches_the_notebook_models_torch_step(variant):
     # Where a gradient is ~ Adam's eps, float noise becomes a fraction of the learning rate.
     assert result["params_after_step_max_abs_diff"] <= 0.1 * result["learning_rate"]
     assert result["ok"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: GPTConfig(num_heads=0), r"GPTConfig.num_heads must be a positive integer, got 0"),
+    (lambda: GPTConfig(vocab_size=True), r"GPTConfig.vocab_size must be an integer, got True"),
+    (lambda: GPTConfig(dropout=1.0), r"GPTConfig.dropout must be a finite number in \[0, 1\), got 1.0"),
+    (lambda: TrainConfig(steps=0), r"TrainConfig.steps must be a positive integer, got 0"),
+    (lambda: TrainConfig(warmup_steps=-1), r"TrainConfig.warmup_steps must be an integer >= 0, got -1"),
+    (lambda: TrainConfig(learning_rate=0.0), r"TrainConfig.learning_rate must be a finite number in \(0, inf\)"),
+    (lambda: TrainConfig(grad_clip=float("nan")), r"TrainConfig.grad_clip must be a finite number"),
+    (lambda: TrainConfig(beta2=1.0), r"TrainConfig.beta2 must be a finite number in \[0, 1\), got 1.0"),
+])
+def test_configs_refuse_bad_values_naming_the_field(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
