@@ -22,6 +22,7 @@ def app() -> None:
 COMMAND_MODULES = (
     "jaxgpt.cli_attention",
     "jaxgpt.cli_generate",
+    "jaxgpt.cli_parity",
     "jaxgpt.cli_porting",
     "jaxgpt.cli_score",
     "jaxgpt.cli_serve",

@@ -3,9 +3,11 @@
 A torch checkpoint is a zip archive `<name>/data.pkl` + `<name>/data/<key>` + `<name>/byteorder`
 (+ version records). Reading one costs about what its size says, whatever its bytes:
 
-* the zip's central directory is parsed by `zipfile`; records are not read through it but
-  located in a memory map of the file (local header checked against the central one, CRC-32
-  checked), so storages are read-only views of the mapped file, never copies;
+* the zip's central directory is parsed with the checks of torch's own reader
+  (`zip_directory.py`), and records are located in a memory map of the file (local header
+  checked against the central one, CRC-32 checked), so storages are read-only views of the
+  mapped file, never copies; as in torch, the first record's folder holds the archive and a
+  version record (1 to 10) is required;
 * every record must be stored uncompressed, as torch writes them: a deflated record could
   expand to a thousand times its size, so it is refused before anything is expanded;
 * `data.pkl` runs in `restricted_pickle`, an interpreter with an opcode allow-list, a global
@@ -31,8 +33,8 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 import struct
-import zipfile
 import zlib
 
 import ml_dtypes
@@ -40,12 +42,14 @@ import numpy as np
 
 from porting import restricted_pickle as rp
 from porting.errors import CheckpointError, brief, cut
+from porting.zip_directory import Entry, ZipError, read_directory
 
 ZIP_MAGIC = b"PK\x03\x04"
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 # torch's legacy format starts with the pickled magic number 0x1950a86a20f9469cfc6c (protocol 2).
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
+MIN_VERSION, MAX_VERSION = 1, 10  # torch's kMinSupportedFileFormatVersion, kMaxSupportedFileFormatVersion
 MAX_PICKLE = 64 << 20  # bytes of data.pkl (a state dict needs about 150 per tensor)
 MAX_NDIM = 32
 MAX_EXTENT = 1 << 40  # largest size, stride or offset of one dimension
@@ -131,6 +135,7 @@ def _rebuild(func: rp.Global, args: tuple):
             raise rp.Refused("_rebuild_tensor_v2 expects requires_grad (a bool) and an empty OrderedDict of hooks")
         if metadata and metadata[0] is not None and metadata[0] != {}:
             raise rp.Refused("_rebuild_tensor_v2 with tensor metadata (conj/neg bits) is not read")
+        _check_grad(requires_grad, storage.array.dtype)
         return _Tensor(_strided_view(storage.array, offset, size, stride))
     expected = 4 if func is rp.REBUILD_PARAMETER_WITH_STATE else 3
     if len(args) != expected:
@@ -142,57 +147,80 @@ def _rebuild(func: rp.Global, args: tuple):
         raise rp.Refused(f"{func.name} expects requires_grad (a bool) and an empty OrderedDict of hooks")
     if state and state[0] is not None and state[0] != {}:
         raise rp.Refused(f"{func.name} with parameter attributes is not read")
+    _check_grad(requires_grad, data.array.dtype)
     return data
+
+
+def _check_grad(requires_grad: bool, dtype: np.dtype) -> None:
+    if requires_grad and not (dtype.kind == "f" or dtype == _STORAGE_DTYPES["BFloat16Storage"]):
+        raise rp.Refused(f"a {dtype} tensor that requires grad (torch allows that for floating tensors only)")
 
 
 class _Archive:
     """The records of one torch zip archive, located in a memory map and checked when read."""
 
-    def __init__(self, path: str, buffer, infos: list[zipfile.ZipInfo]):
+    def __init__(self, path: str, buffer, entries: list[Entry]):
         self.path, self.buffer = path, buffer
-        self.infos: dict[str, zipfile.ZipInfo] = {}
-        for info in infos:
-            if info.filename in self.infos:
-                raise CheckpointError(path, f"the zip archive holds two records named {cut(info.filename)}")
-            self.infos[info.filename] = info
-        pickles = [n for n in self.infos if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            problem = "no <name>/data.pkl record" if not pickles else f"{len(pickles)} data.pkl records"
-            raise CheckpointError(path, f"not a torch checkpoint: a zip archive with {problem}")
-        self.prefix = pickles[0][: -len("data.pkl")]
+        self.entries: dict[str, Entry] = {}
+        for entry in entries:
+            if entry.name in self.entries:
+                raise CheckpointError(path, f"the zip archive holds two records named {cut(entry.name)}")
+            if entry.method != 0 or entry.compressed_size != entry.size:
+                raise CheckpointError(path, f"zip record {cut(entry.name)} is compressed: torch writes records "
+                                            "uncompressed, and only those are read (re-save the file with torch.save)")
+            if entry.flags & 0x41:
+                raise CheckpointError(path, f"zip record {cut(entry.name)} is encrypted")
+            self.entries[entry.name] = entry
+        # As torch's reader: the folder of the first record holds the archive.
+        if not entries or "/" not in entries[0].name:
+            raise CheckpointError(path, "not a torch checkpoint: the first zip record is not in a folder")
+        self.prefix = entries[0].name.split("/", 1)[0] + "/"
+        if self.prefix + "data.pkl" not in self.entries:
+            raise CheckpointError(path, f"not a torch checkpoint: a zip archive without {cut(self.prefix)}data.pkl")
+        self._check_small_records()
         byteorder = b"little"
-        if self.prefix + "byteorder" in self.infos:
+        if self.prefix + "byteorder" in self.entries:
             byteorder = bytes(self.record(self.prefix + "byteorder", limit=16))
         if byteorder not in (b"little", b"big"):
             raise CheckpointError(path, "unknown byteorder record (neither 'little' nor 'big')")
         self.byteorder = "<" if byteorder == b"little" else ">"
         self.storages: dict[str, _Storage] = {}
 
+    def _check_small_records(self) -> None:
+        """The records torch reads besides the pickle and the storages, as torch checks them."""
+        version_name = next((self.prefix + n for n in (".data/version", "version") if self.prefix + n in self.entries), None)
+        if version_name is None:
+            raise CheckpointError(self.path, "not a torch checkpoint: no version record")
+        match = re.match(rb"\s*\+?([0-9]{1,20})", bytes(self.record(version_name, limit=64)))
+        if match is None or not MIN_VERSION <= int(match[1]) <= MAX_VERSION:
+            raise CheckpointError(self.path, f"unsupported torch file format version (torch reads {MIN_VERSION} to {MAX_VERSION})")
+        if self.prefix + ".storage_alignment" in self.entries:
+            try:
+                int(bytes(self.record(self.prefix + ".storage_alignment", limit=64)))
+            except ValueError:
+                raise CheckpointError(self.path, "malformed .storage_alignment record (not an integer)") from None
+        for name in (".format_version", ".data/serialization_id"):
+            if self.prefix + name in self.entries:
+                self.record(self.prefix + name, limit=4096)
+
     def record(self, name: str, limit: int | None = None) -> memoryview:
         """The bytes of a stored record, as a view of the mapped file (CRC-32 checked)."""
-        info = self.infos[name]
+        entry = self.entries[name]
         shown = cut(name)
-        if info.flag_bits & 0x1:
-            raise CheckpointError(self.path, f"zip record {shown} is encrypted")
-        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-            raise CheckpointError(self.path, f"zip record {shown} is compressed: torch writes records uncompressed, "
-                                             "and only those are read (re-save the file with torch.save)")
-        if limit is not None and info.file_size > limit:
-            raise CheckpointError(self.path, f"zip record {shown} holds {info.file_size:,} bytes, more than the {limit:,} it may")
-        start = info.header_offset
-        if start < 0 or start + _LOCAL_HEADER.size > len(self.buffer):
-            raise CheckpointError(self.path, f"corrupt or truncated zip record {shown} (its header is outside the file)")
-        signature, name_length, extra_length = _LOCAL_HEADER.unpack_from(self.buffer, start)
+        if limit is not None and entry.size > limit:
+            raise CheckpointError(self.path, f"zip record {shown} holds {entry.size:,} bytes, more than the {limit:,} it may")
+        start = entry.local_offset
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack_from(self.buffer, start)  # in the file: checked
         begin = start + _LOCAL_HEADER.size
         stored_name = bytes(self.buffer[begin : begin + name_length])
-        if signature != ZIP_MAGIC or stored_name != _raw_name(info):
+        if signature != ZIP_MAGIC or stored_name != entry.raw_name:
             raise CheckpointError(self.path, f"corrupt or truncated zip record {shown} (its local header does not match the directory)")
         begin += name_length + extra_length
-        end = begin + info.file_size
+        end = begin + entry.size
         if end > len(self.buffer):
             raise CheckpointError(self.path, f"corrupt or truncated zip record {shown} (it ends at byte {end:,} of {len(self.buffer):,})")
         data = self.buffer[begin:end]
-        if zlib.crc32(data) != info.CRC:
+        if zlib.crc32(data) != entry.crc:
             raise CheckpointError(self.path, f"corrupt or truncated zip record {shown} (CRC-32 mismatch)")
         return data
 
@@ -202,12 +230,12 @@ class _Archive:
                 raise rp.Refused(f"storage {cut(key)} is referenced with two dtypes or sizes")
             return self.storages[key]
         name = f"{self.prefix}data/{key}"
-        info = self.infos.get(name)
-        if info is None:
+        entry = self.entries.get(name)
+        if entry is None:
             raise rp.Refused(f"storage record data/{cut(key)} is missing from the archive")
-        if info.file_size != numel * dtype.itemsize:
+        if entry.size != numel * dtype.itemsize:
             raise rp.Refused(
-                f"storage record data/{cut(key)} holds {info.file_size} bytes, expected {brief(numel)} x {dtype.itemsize}"
+                f"storage record data/{cut(key)} holds {entry.size} bytes, expected {brief(numel)} x {dtype.itemsize}"
             )
         raw = np.frombuffer(self.record(name), dtype=f"{self.byteorder}u{dtype.itemsize}")
         # Byte order is swapped on the unsigned view, which every dtype (bfloat16 too) has.
@@ -219,23 +247,15 @@ class _Archive:
         if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
             raise rp.Refused(f"unsupported persistent id ({brief(pid)}): only storage references are read")
         _, storage_type, key, location, numel = pid
-        if storage_type not in _STORAGE_TYPES:
+        if type(storage_type) is not rp.Global or storage_type not in _STORAGE_TYPES:
             raise rp.Refused(f"storage type must be one of torch.{', torch.'.join(_STORAGE_DTYPES)}")
         if type(key) is not str or type(location) is not str or type(numel) is not int or numel < 0:
             raise rp.Refused("malformed storage reference: expected (str key, str location, int numel)")
         return self.storage(key, _STORAGE_TYPES[storage_type], numel)
 
 
-def _raw_name(info: zipfile.ZipInfo) -> bytes:
-    """The name as its bytes appear in the archive (what zipfile decoded from them)."""
-    try:
-        return info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
-    except UnicodeEncodeError:
-        return b""  # never equal to a header's bytes: reported as a mismatch
-
-
 def _map(path: str):
-    """(a memoryview of the file mapped read-only, the zip's entries)."""
+    """(a memoryview of the file mapped read-only, its zip directory entries)."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -243,43 +263,9 @@ def _map(path: str):
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
     try:
-        # The central directory is parsed by zipfile, which raises many types for damaged bytes
-        # (BadZipFile, NotImplementedError for a "version needed", UnicodeDecodeError for a
-        # name, struct.error, ...): every one of them means a damaged archive. Its memory is
-        # a small multiple of the directory's size; records are never read through it.
-        with zipfile.ZipFile(_MappedFile(buffer)) as zf:
-            infos = zf.infolist()
-    except MemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 (see above)
-        raise CheckpointError(path, f"corrupt or truncated zip archive ({type(e).__name__}: {cut(str(e), 120)})") from None
-    return buffer, infos
-
-
-class _MappedFile:
-    """A read-only, seekable file over a buffer: what zipfile needs, without copying the file."""
-
-    def __init__(self, buffer):
-        self.buffer, self.pos = buffer, 0
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = (0, self.pos, len(self.buffer))[whence]
-        if base + offset < 0:
-            raise OSError("seek before the start of the file")
-        self.pos = base + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.buffer) if n is None or n < 0 else min(len(self.buffer), self.pos + n)
-        data = bytes(self.buffer[self.pos : end]) if end > self.pos else b""
-        self.pos = max(self.pos, end)
-        return data
-
-    def seekable(self) -> bool:
-        return True
+        return buffer, read_directory(buffer)
+    except ZipError as e:
+        raise CheckpointError(path, f"corrupt or truncated zip archive ({e})") from None
 
 
 def read_torch_zip(path: str | os.PathLike) -> dict[str, np.ndarray]:

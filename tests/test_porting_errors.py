@@ -177,7 +177,7 @@ def test_empty_random_directory_missing(tmp_path):
     assert load_error(tmp_path).endswith("is a directory, not a checkpoint file (nor a jaxgpt orbax checkpoint directory)")
     assert load_error(tmp_path / "nope.pt").endswith("no such file")
     write_zip(tmp_path / "other.zip", {"readme.txt": b"hello"})
-    assert "not a torch checkpoint: a zip archive with no <name>/data.pkl record" in load_error(tmp_path / "other.zip")
+    assert "not a torch checkpoint: the first zip record is not in a folder" in load_error(tmp_path / "other.zip")
 
 
 def test_short_storage_record(tmp_path, good):
