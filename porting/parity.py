@@ -228,6 +228,9 @@ def _run(path, tokens, checkpoint, reference, reference64, names, tolerance, flo
 
             params = nnx.state(model, nnx.Param)
             nnx.update(model, jax.tree.map(lambda p: p.astype(np.float64), params))
+            for _, module in nnx.iter_graph(model):
+                if isinstance(module, nnx.Embed):  # it computes in its own dtype, float32 by default
+                    module.dtype = np.float64
         ours = jax_layers(model)(tokens)
         truth = torch_layers(reference64, tokens)
         layers = differences(ours, truth if float64 else torch_layers(reference, tokens), names)

@@ -76,7 +76,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         raise CheckpointError(path, f"malformed safetensors header ({type(e).__name__}: {cut(str(e), 120)})") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "malformed safetensors header: not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(path, "malformed safetensors header: __metadata__ must map strings to strings")
     buffer = blob[8 + n :]

@@ -137,6 +137,8 @@ def _rebuild(func: rp.Global, args: tuple):
             raise rp.Refused("_rebuild_tensor_v2 with tensor metadata (conj/neg bits) is not read")
         _check_grad(requires_grad, storage.array.dtype)
         return _Tensor(_strided_view(storage.array, offset, size, stride))
+    if func is not rp.REBUILD_PARAMETER and func is not rp.REBUILD_PARAMETER_WITH_STATE:
+        raise rp.Refused(f"REDUCE calls {func!r}, which is not a function")
     expected = 4 if func is rp.REBUILD_PARAMETER_WITH_STATE else 3
     if len(args) != expected:
         raise rp.Refused(f"{func.name} takes {expected} arguments, got {len(args)}")
@@ -168,13 +170,18 @@ class _Archive:
             if entry.method != 0 or entry.compressed_size != entry.size:
                 raise CheckpointError(path, f"zip record {cut(entry.name)} is compressed: torch writes records "
                                             "uncompressed, and only those are read (re-save the file with torch.save)")
-            if entry.flags & 0x41:
-                raise CheckpointError(path, f"zip record {cut(entry.name)} is encrypted")
+            if entry.flags & 0x61:  # encrypted, strongly encrypted, patch data: miniz refuses them too
+                raise CheckpointError(path, f"zip record {cut(entry.name)} is encrypted or patch data")
+            if entry.is_directory:  # torch writes none, and its reader reads none as a record
+                raise CheckpointError(path, f"zip record {cut(entry.name)} is marked as a directory")
             self.entries[entry.name] = entry
         # As torch's reader: the folder of the first record holds the archive.
         if not entries or "/" not in entries[0].name:
             raise CheckpointError(path, "not a torch checkpoint: the first zip record is not in a folder")
         self.prefix = entries[0].name.split("/", 1)[0] + "/"
+        outside = next((e.name for e in entries if not e.name.startswith(self.prefix)), None)
+        if outside is not None:
+            raise CheckpointError(path, f"not a torch checkpoint: record {cut(outside)} is outside the archive's folder {cut(self.prefix)}")
         if self.prefix + "data.pkl" not in self.entries:
             raise CheckpointError(path, f"not a torch checkpoint: a zip archive without {cut(self.prefix)}data.pkl")
         self._check_small_records()

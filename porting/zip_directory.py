@@ -38,6 +38,7 @@ class Entry:
     compressed_size: int
     size: int
     local_offset: int
+    is_directory: bool  # as miniz decides: a name ending in "/" or the MS-DOS directory attribute
 
 
 def _end_record(buffer) -> int:
@@ -115,7 +116,7 @@ def read_directory(buffer) -> list[Entry]:
 
 def _entry(buffer, at: int, left: int, disk: int, file_size: int) -> tuple[Entry, int]:
     (signature, _, _, flags, method, _, _, crc, compressed, size, name_length, extra_length, comment_length,
-     disk_start, _, _, offset) = CENTRAL.unpack_from(buffer, at)
+     disk_start, _, external, offset) = CENTRAL.unpack_from(buffer, at)
     if signature != b"PK\x01\x02":
         raise ZipError("a central directory header without its signature")
     length = CENTRAL.size + name_length + extra_length + comment_length
@@ -138,4 +139,5 @@ def _entry(buffer, at: int, left: int, disk: int, file_size: int) -> tuple[Entry
         name = raw_name.decode("utf-8")
     except UnicodeDecodeError:
         raise ZipError(f"record {shown}: a name that is not UTF-8") from None
-    return Entry(name, raw_name, flags, method, crc, compressed, size, offset), length
+    is_directory = raw_name.endswith(b"/") or bool(external & 0x10)
+    return Entry(name, raw_name, flags, method, crc, compressed, size, offset, is_directory), length

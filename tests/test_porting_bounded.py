@@ -79,7 +79,7 @@ def test_corrupted_version_needed_byte(tmp_path, small, capsys):
         zipfile.ZipFile(bad)  # the foreign exception the old reader let through
     np.testing.assert_array_equal(porting.read_state_dict(bad)["w"], torch.load(bad, weights_only=True)["w"].numpy())
     assert "cannot recognise the model variant" in inspect_line(bad, capsys)  # {"w": ...} is no model
-    for flag, problem in ((0x1, "is encrypted"), (0x2000, "encrypted central directory")):
+    for flag, problem in ((0x1, "is encrypted"), (0x20, "patch data"), (0x2000, "encrypted central directory")):
         data = bytearray(small.read_bytes())
         struct.pack_into("<H", data, central_entry(bytes(data), b"small/data.pkl") + 8, flag)
         bad.write_bytes(bytes(data))
@@ -114,7 +114,11 @@ def test_zip_checks_of_torchs_reader(tmp_path, small):
     records = torch_records(small)
     records = {"other/readme": b"", **records}  # torch takes the first record's folder
     write_zip(tmp_path / "first.pt", records)
-    assert "without other/data.pkl" in refused(tmp_path / "first.pt")
+    assert "record small/data.pkl is outside the archive's folder other/" in refused(tmp_path / "first.pt")
+    data = bytearray(small.read_bytes())
+    struct.pack_into("<I", data, central_entry(bytes(data), b"small/version") + 38, 0x10)  # MS-DOS directory
+    (tmp_path / "dir.pt").write_bytes(bytes(data))
+    assert "small/version is marked as a directory" in refused(tmp_path / "dir.pt")
 
 
 def deflated_archive(path, records: dict[str, bytes]) -> None:
@@ -189,6 +193,8 @@ def test_pickle_limits_and_opcodes(tmp_path, small):
     assert "ends in the middle of an opcode argument" in with_pickle(b"\x80\x02X\xff\xff\xff\x7fabc")
     assert "ends before its STOP opcode" in with_pickle(b"\x80\x02}")
     assert "memo entry 7, which was never stored" in with_pickle(b"\x80\x02h\x07.")
+    assert "REDUCE calls torch.FloatStorage, which is not a function" in with_pickle(b"\x80\x02ctorch\nFloatStorage\n)R.")
+    assert "storage type must be one of" in with_pickle(b"\x80\x02(X\x07\x00\x00\x00storage}X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQ.")
     assert "uses a tuple of 0 items as a dict key" in with_pickle(b"\x80\x02})K\x01s.")
     huge = "k" * 100_000
     message = with_pickle(b"\x80\x02}X" + struct.pack("<I", len(huge)) + huge.encode() + b"K\x01s.")
@@ -238,3 +244,5 @@ def test_safetensors_relatives(tmp_path, small):
     overlap = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
     assert "overlap or leave a gap" in header_file(overlap, bytes(12))
     assert "overlap or leave a gap" in header_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(8))
+    entry = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    assert "__metadata__ must map strings to strings" in header_file({"__metadata__": 0, **entry}, bytes(4))
