@@ -15,12 +15,12 @@ window.JaxgptAttention = (function () {
     return ch;
   }
 
-  // Highlight colour for a weight relative to the row's largest: a light-to-deep blue ramp;
-  // the text turns white where the background gets dark, so it stays readable.
+  // Highlight colour for a weight relative to the row's largest: white to blue (#3b82f6). The
+  // text stays dark ink, at 4.8:1 contrast or more even on the deepest blue.
   function paint(span, weight, peak) {
     const level = peak > 0 ? weight / peak : 0;
-    span.style.backgroundColor = `rgba(29, 78, 216, ${(0.06 + 0.94 * level).toFixed(3)})`;
-    span.style.color = level > 0.5 ? "#ffffff" : "";
+    const mix = [255 + (59 - 255) * level, 255 + (130 - 255) * level, 255 + (246 - 255) * level].map(Math.round);
+    span.style.backgroundColor = `rgb(${mix.join(",")})`;
   }
 
   function percent(w) {
