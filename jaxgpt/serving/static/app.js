@@ -175,6 +175,7 @@
     cursor = -1;
     $("prompt-echo").textContent = body.prompt;
     $("command").hidden = true;
+    last = null;  // "copy as command" describes a finished text only
     run = {controller: new AbortController(), started: performance.now(), count: 0, seed: body.seed, finish: null};
     setBusy(true);
     showProgress();
@@ -198,6 +199,7 @@
         }
         showProgress();
       }
+      if (!done) throw new Error("the stream ended before [DONE]");
       const {seconds, perSecond} = rate(current.count, current.started);
       last = {body: {...body, seed: current.seed}, text: chars.map((c) => c.ch).join("")};
       setStatus(`Done: ${current.count} characters in ${seconds.toFixed(2)} s \u00b7 ${perSecond.toFixed(1)} chars/s` +
