@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 import porting
-from jaxgpt import GPT, GPTConfig
+from jaxgpt import GPTConfig
 from tests.porting_helpers import PUBLISHED, SMALL, one_torch_thread, random_reference  # one_torch_thread: autouse fixture
+from tests.web_helpers import random_model
 
 torch = pytest.importorskip("torch")
 from porting.torch_reference import attention_probabilities, make_reference  # noqa: E402
@@ -73,9 +74,13 @@ def test_peaked_attention_as_accurate_as_torch_itself(tmp_path, variant, config,
         np.testing.assert_allclose(got, torch32, rtol=0, atol=5e-6)
 
 
-def test_rows_are_causal_distributions_and_right_padding_changes_nothing():
-    config = GPTConfig(vocab_size=13, context_length=10, model_dim=12, num_blocks=2, num_heads=3)
-    model = GPT(config, rngs=nnx.Rngs(3))
+@pytest.fixture(scope="module")
+def tiny():
+    return random_model(GPTConfig(vocab_size=13, context_length=10, model_dim=12, num_blocks=2, num_heads=3), 3)
+
+
+def test_rows_are_causal_distributions_and_right_padding_changes_nothing(tiny):
+    model = tiny
     tokens = np.random.default_rng(0).integers(0, 13, size=(2, 10))
     weights = np.asarray(attention_weights(model, tokens))  # (2, 2, 3, 10, 10)
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
@@ -85,11 +90,13 @@ def test_rows_are_causal_distributions_and_right_padding_changes_nothing():
     np.testing.assert_allclose(prefix, weights[..., :6, :6], rtol=0, atol=1e-6)
 
 
-def test_bad_inputs_and_training_mode_are_refused():
-    model = GPT(GPTConfig(vocab_size=5, context_length=4, model_dim=6, num_blocks=1, num_heads=2), rngs=nnx.Rngs(0))
-    for bad in (np.zeros((1, 5), int), np.zeros((1, 0), int), np.zeros((4,), int)):
+def test_bad_inputs_and_training_mode_are_refused(tiny):
+    for bad in (np.zeros((1, 11), int), np.zeros((1, 0), int), np.zeros((4,), int)):
         with pytest.raises(ValueError, match="shape|sequence length"):
-            model.attention_weights(bad)
-    model.train()
-    with pytest.raises(ValueError, match="eval mode"):
-        model.attention_weights(np.zeros((1, 2), int))
+            tiny.attention_weights(bad)
+    tiny.train()
+    try:
+        with pytest.raises(ValueError, match="eval mode"):
+            tiny.attention_weights(np.zeros((1, 2), int))
+    finally:
+        tiny.eval()

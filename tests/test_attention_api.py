@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from flax import nnx
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
 from jaxgpt.serving.app import create_app
 from jaxgpt.vocab import default_vocab
+from tests.web_helpers import random_model
 
 CONFIG = GPTConfig(vocab_size=104, context_length=16, model_dim=24, num_blocks=2, num_heads=3, variant="learning")
 VOCAB = default_vocab()
@@ -19,7 +18,7 @@ VOCAB = default_vocab()
 
 @pytest.fixture(scope="module")
 def model():
-    return GPT(CONFIG, rngs=nnx.Rngs(21))
+    return random_model(CONFIG, 21)
 
 
 @pytest.fixture(scope="module")

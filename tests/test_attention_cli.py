@@ -7,13 +7,12 @@ import re
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxgpt.cli import main
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
 from jaxgpt.vocab import default_vocab
 from porting import save_flax
+from tests.web_helpers import random_model
 
 CONFIG = GPTConfig(vocab_size=104, context_length=16, model_dim=24, num_blocks=2, num_heads=3)
 TEXT = "ROMEO:\nBut soft"
@@ -21,7 +20,7 @@ TEXT = "ROMEO:\nBut soft"
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = GPT(CONFIG, rngs=nnx.Rngs(4))
+    model = random_model(CONFIG, 4)
     path = tmp_path_factory.mktemp("attention") / "small.safetensors"
     save_flax(model, path)
     return str(path), model

@@ -20,11 +20,10 @@ import time
 import httpx
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
 from jaxgpt.vocab import default_vocab
+from tests.web_helpers import random_model
 
 CHROMIUM = os.environ.get("JAXGPT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 def _skip_or_fail(reason: str):
@@ -50,9 +49,7 @@ PHONE = dict(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_m
 
 @pytest.fixture(scope="module")
 def model():
-    model = GPT(CONFIG, rngs=nnx.Rngs(12))
-    model.eval()
-    return model
+    return random_model(CONFIG, 12)
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +314,7 @@ def test_attention_html_of_the_cli_works_offline(browser, tmp_path, monkeypatch)
     from jaxgpt.cli_attention import attention_html
 
     text = "ROMEO:\nBut soft"
-    model = GPT(CONFIG, rngs=nnx.Rngs(3))
+    model = random_model(CONFIG, 3)
     weights = np.asarray(model.attention_weights(default_vocab().encode(text)[None]))[:, 0]
     path = tmp_path / "attention.html"
     path.write_text(attention_html(weights, text, "test"), encoding="utf-8")
