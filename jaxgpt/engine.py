@@ -345,9 +345,13 @@ def _emit(i, s: Slots, logits, out: Chunk):
 
     out = jax.lax.cond(jnp.any(live & (s.top_n >= 0)), logprobs, lambda o: o, out)
     out = out._replace(tokens=out.tokens.at[:, i].set(token), valid=out.valid.at[:, i].set(live))
-    recent = jnp.where(live[:, None], jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1), s.recent)
-    matched = jax.lax.cond(jnp.any(live[:, None] & (s.stop_lengths > 0)), _stop_match,
-                           lambda *_: jnp.zeros_like(s.stop_length), recent, s.stops, s.stop_lengths)
+
+    def stops(recent):  # only rows with stop strings need their recent tokens
+        recent = jnp.where(live[:, None], jnp.concatenate([recent[:, 1:], token[:, None]], axis=1), recent)
+        return recent, _stop_match(recent, s.stops, s.stop_lengths)
+
+    recent, matched = jax.lax.cond(jnp.any(live[:, None] & (s.stop_lengths > 0)), stops,
+                                   lambda recent: (recent, jnp.zeros_like(s.stop_length)), s.recent)
     done = s.done + live
     stopped = live & (matched > 0)
     exhausted = live & ~stopped & (done >= s.budget)

@@ -86,9 +86,14 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """
     logits = logits / params.temperature[:, None]
     v = logits.shape[-1]
-    logits = jax.lax.cond(jnp.any(params.top_k < v), _top_k, lambda x, _: x, logits, params.top_k)
-    logits = jax.lax.cond(jnp.any(params.top_p < 1.0), _top_p, lambda x, _: x, logits, params.top_p)
-    return jax.lax.cond(jnp.any(params.min_p > 0.0), _min_p, lambda x, _: x, logits, params.min_p)
+    top_k, top_p, min_p = jnp.any(params.top_k < v), jnp.any(params.top_p < 1.0), jnp.any(params.min_p > 0.0)
+
+    def filters(x):  # one outer cond: an unfiltered step pays for one branch, not three
+        x = jax.lax.cond(top_k, _top_k, lambda x, _: x, x, params.top_k)
+        x = jax.lax.cond(top_p, _top_p, lambda x, _: x, x, params.top_p)
+        return jax.lax.cond(min_p, _min_p, lambda x, _: x, x, params.min_p)
+
+    return jax.lax.cond(top_k | top_p | min_p, filters, lambda x: x, logits)
 
 
 def _top_k(logits: jax.Array, top_k: jax.Array) -> jax.Array:
