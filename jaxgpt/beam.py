@@ -40,7 +40,7 @@ from __future__ import annotations
 import collections
 import math
 import os
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -212,6 +212,10 @@ def test_benchmark_rows_on_a_tiny_model(tmp_path):
     assert {(r["name"], r["framework"]) for r in rows} == {
         (f"beam b1 x4 {suite.beam_steps}", "jax"), (f"beam b1 x4 {suite.beam_steps}", "torch"),
         (f"score {suite.score_chars} chars", "jax"), (f"score {suite.score_chars} chars", "torch")}
+    doc = {"device": "cpu", "date": "now", "weights": "random", "reps": 1, "score_reps": 1, "limits": None,
+           "load_average": [0.0, 0.0], "results": rows, "ratios": ratios}
+    report = beam_score.markdown(doc, suite.warmup, suite.model.context_length)
+    assert report.count("\n| ") == 2 * 2 + 2 + 4  # two header lines per table, 2 ratios, 4 results
 
 
 DEVICES_PROBE = """
