@@ -8,6 +8,9 @@ another, each after the first introduced by a newline and a line `--- sample N -
     --- sample 2 ---
     <sample 2>
 
+With --beams N, beam search replaces sampling (jaxgpt/cli_beam.py): the likeliest continuation
+of each prompt, or with --json every beam and its score.
+
 With --json, stdout has one JSON object per sample and line instead: its text, finish reason,
 log-probabilities (--logprobs N) and everything needed to reproduce it (prompt, seed and random
 stream, options, slots). Everything else (model, timing) goes to stderr. When stdout is a
@@ -67,9 +70,12 @@ def _separator(index: int) -> str:
 @click.option("--devices", type=click.IntRange(min=1), default=None,
               help="Split the --batch samples over the first N local devices [default: all; 1: one device]; "
               "the text does not depend on it.")
+@click.option("--beams", type=click.IntRange(min=1), default=None,
+              help="Beam search with N beams instead of sampling: the likeliest continuation found (--json: every "
+                   "beam and its score).")
 @click.option("-q", "--quiet", is_flag=True, help="No diagnostics on stderr.")
 def generate_command(weights, vocab, prompts, num_chars, seed, temperature, top_k, top_p, min_p, repetition_penalty,
-                     ban, stops, logprobs, batch, slots, as_json, mode, stride, stream, devices, quiet) -> None:
+                     ban, stops, logprobs, batch, slots, as_json, mode, stride, stream, devices, beams, quiet) -> None:
     """Generate text with the notebook's sampling loop, compiled."""
     from jaxgpt import compile_cache
 
@@ -88,6 +94,14 @@ def generate_command(weights, vocab, prompts, num_chars, seed, temperature, top_
     if characters.size != config.vocab_size:
         raise CLIError(f"{vocab_source} has {characters.size} characters but {path} has "
                        f"vocab_size {config.vocab_size}: pass the checkpoint's vocabulary with --vocab")
+    if beams is not None:  # jaxgpt/cli_beam.py
+        from jaxgpt.cli_beam import run_beams
+
+        return run_beams(model, characters, path, prompts or ("",), num_chars, beams, stops, as_json=as_json,
+                         devices=devices, quiet=quiet, sampling=dict(
+                             seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repetition_penalty=repetition_penalty, ban=ban, logprobs=logprobs, batch=batch,
+                             slots=slots, mode=mode, stride=stride))
     rows = [p for p in (prompts or ("",)) for _ in range(batch)]
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty, stop=list(stops),

@@ -78,7 +78,7 @@ def test_exact_differs_from_strided_past_the_window(pair):
     tokens = np.random.default_rng(1).integers(0, SMALL["vocab_size"], 2 * C)
     exact = score_tokens(model, tokens).logprobs
     strided = score_tokens(model, tokens, mode="strided", stride=8).logprobs
-    np.testing.assert_allclose(exact[:C], strided[:C], atol=1e-6)  # same context while it grows
+    np.testing.assert_allclose(exact[:C], strided[:C], atol=1e-5)  # same context while it grows (other batch sizes)
     assert np.abs(exact[C + 1 :] - strided[C + 1 :]).max() > 1e-3  # then strided sees less
 
 
