@@ -34,6 +34,7 @@ _DTYPES = {
 }
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 _MAX_NDIM = 32
+_MAX_EXTENT = 1 << 40  # one dimension (numpy refuses some larger ones even in an empty array)
 
 
 def looks_like_safetensors(head: bytes) -> bool:
@@ -120,10 +121,12 @@ def _entry_offsets(path: str, name: str, info) -> tuple[int, int]:
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if type(dtype) is not str or dtype not in _DTYPES:
         raise bad(f"unsupported dtype {brief(dtype)} (supported: {', '.join(_DTYPES)})")
-    if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad(f"shape must be a list of non-negative ints (at most {_MAX_NDIM}), got {brief(shape)}")
+    if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(type(d) is int and 0 <= d < _MAX_EXTENT for d in shape):
+        raise bad(f"shape must be a list of at most {_MAX_NDIM} ints in [0, 2**40), got {brief(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise bad(f"data_offsets must be two ints, got {brief(offsets)}")
+    if math.prod(d for d in shape if d) >= _MAX_EXTENT:  # numpy has no such shape, even empty
+        raise bad(f"shape {shape} describes 2**40 elements or more")
     begin, end = offsets
     nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
     if not 0 <= begin <= end or end - begin != nbytes:

@@ -104,6 +104,8 @@ def _strided_view(flat: np.ndarray, offset, size, stride) -> np.ndarray:
     if type(offset) is not int or not 0 <= offset < MAX_EXTENT:
         raise rp.Refused(f"tensor storage offset must be an int in [0, 2**40), got {brief(offset)}")
     size, stride = _extents(size, "size"), _extents(stride, "stride")
+    if math.prod(n for n in size if n) >= MAX_EXTENT:  # numpy has no such shape, even empty
+        raise rp.Refused(f"tensor size {list(size)} describes 2**40 elements or more")
     if len(size) != len(stride):
         raise rp.Refused(f"tensor size ({len(size)} dims) and stride ({len(stride)} dims) differ in length")
     if 0 in size:

@@ -204,7 +204,8 @@ def test_pickle_limits_and_opcodes(tmp_path, small):
 def test_hostile_sizes_strides_offsets_and_views(tmp_path, small):
     for size, expected in ((b"\x8a\x08" + (1 << 62).to_bytes(8, "little") + b"\x85", "ints in [0, 2**40)"),
                            (b"J\xff\xff\xff\xff\x85", "got -1"),
-                           (b"(" + b"K\x01" * 40 + b"t", "at most 32 ints")):
+                           (b"(" + b"K\x01" * 40 + b"t", "at most 32 ints"),
+                           (b"(K\x00" + (b"\x8a\x06" + (2**39).to_bytes(6, "little")) * 3 + b"t", "2**40 elements or more")):
         with_size_field(small, tmp_path / "s.pt", size)
         assert expected in refused(tmp_path / "s.pt")
     # A stride-0 view describing 2**30 elements of a 4-element storage: a view costs nothing,
@@ -240,7 +241,10 @@ def test_safetensors_relatives(tmp_path, small):
 
     assert "malformed safetensors header" in header_file(None, raw=b"{" + b'"a":' * 1 + b"[" * 100_000 + b"]" * 100_000 + b"}")
     assert "unsupported dtype a list of 1 items" in header_file({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4))
-    assert "shape must be a list of non-negative ints" in header_file({"w": {"dtype": "F32", "shape": [[1] * 5000], "data_offsets": [0, 4]}}, bytes(4))
+    assert "shape must be a list of at most 32 ints" in header_file({"w": {"dtype": "F32", "shape": [[1] * 5000], "data_offsets": [0, 4]}}, bytes(4))
+    for shape in ([0, 2**63], [2**64, 0], [0, -1]):  # empty, but no numpy array has such a shape
+        assert "in [0, 2**40)" in header_file({"w": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}})
+    assert "2**40 elements or more" in header_file({"w": {"dtype": "F32", "shape": [0, 2**39, 2**39], "data_offsets": [0, 0]}})
     overlap = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
     assert "overlap or leave a gap" in header_file(overlap, bytes(12))
     assert "overlap or leave a gap" in header_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(8))
