@@ -17,13 +17,15 @@ One step of a slot whose context (cached positions `length`, plus the `pending` 
 and then samples the next token (`jaxgpt.sampling`) from uniform(fold_in(row key, steps done)).
 
 Bits: within one slot count N, a row's computation depends only on its own state, never on the
-other slots (the steps are batched but row-independent, the prefill runs alone at batch 1), so
+other slots (the steps are batched but row-independent, full windows are re-encoded in groups of
+min(N, REFILL_GROUP) rows whatever their number, the prefill runs alone at batch 1), so
 a request gives the same bits in any slot beside any other requests. Different N are different
 programs whose logits may differ in the last bits.
 
 The loop runs pure decode steps while no live slot needs a refill (no `lax.cond` around the
 cache there: on CPU a cond costs a copy of its operands), then one mixed step (decode for the
-slots with room, refill for the full ones, chosen per row), and so on, until `num_steps` steps
+slots with room, refill for the full ones, REFILL_GROUP windows per forward pass, so a step with
+few full slots does not re-encode all N windows), and so on, until `num_steps` steps
 or until every slot is idle: a batch whose rows have all finished spends no further steps.
 
 Compilation, per model configuration / parameter dtype / devices: `prefill` once per prompt
@@ -53,6 +55,7 @@ CHUNK = 32  # steps per `generate` call at most: the length of its output buffer
 MAX_TOP_LOGPROBS = 20  # alternatives reported per character at most
 MAX_STOPS = 4  # stop strings per request
 MAX_STOP_LEN = 32  # characters per stop string
+REFILL_GROUP = 8  # full windows re-encoded per forward pass (at most; fewer when N is smaller)
 
 RUNNING, LENGTH, STOP = 0, 1, 2  # `Slots.finish` codes
 
@@ -281,6 +284,7 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps) -> tuple[Slots
     model = _model(graphdef, state)
     c = model.config.context_length
     n, v = slots.length.shape[0], model.config.vocab_size
+    group = min(n, REFILL_GROUP)
     top = min(MAX_TOP_LOGPROBS, v)
     out = Chunk(jnp.zeros((n, CHUNK), jnp.int32), jnp.zeros((n, CHUNK), bool), jnp.zeros((n, CHUNK)),
                 jnp.zeros((n, CHUNK, top), jnp.int32), jnp.zeros((n, CHUNK, top)))
@@ -298,9 +302,23 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps) -> tuple[Slots
         index = jnp.arange(c) + (c + 1 - s.keep)[:, None]  # window[index] for positions < keep - 1
         window = jnp.take_along_axis(s.window, jnp.minimum(index, c - 1), axis=1)
         window = jnp.where(jnp.arange(c) == (s.keep - 1)[:, None], s.pending[:, None], window)
-        window = jnp.where(jnp.arange(c) < s.keep[:, None], window, 0)
-        logits, cache = model.encode_window(window, s.cache, s.keep - 1)
-        cache = jax.tree.map(lambda new, old: jnp.where(full.reshape(-1, 1, 1, 1), new, old), cache, s.cache)
+        window = jnp.where(jnp.arange(c) < s.keep[:, None], window, 0)  # (N, C)
+        # The full rows, REFILL_GROUP at a time: a step where few rows are full does not pay for
+        # re-encoding all N windows. Padding entries of the last group point at row N: dropped.
+        order = jnp.concatenate([jnp.argsort((~full).astype(jnp.int32), stable=True), jnp.full((group,), n)])  # full rows first
+        count = jnp.sum(full)
+
+        def encode(loop):
+            k, cache, logits = loop
+            rows = jax.lax.dynamic_slice_in_dim(order, k, group)
+            rows = jnp.where(k + jnp.arange(group) < count, rows, n)
+            some, some_cache = model.encode_window(jnp.take(window, rows, axis=0, mode="clip"), init_cache(
+                model.config, group, cache[0].k.dtype), jnp.take(s.keep, rows, mode="clip") - 1)
+            cache = jax.tree.map(lambda a, new: a.at[rows].set(new, mode="drop"), cache, some_cache)
+            return k + group, cache, logits.at[rows].set(some, mode="drop")
+
+        _, cache, logits = jax.lax.while_loop(lambda loop: loop[0] < count, encode,
+                                              (jnp.int32(0), s.cache, jnp.zeros((n, v), jnp.float32)))
         s = s._replace(cache=cache, window=jnp.where(full[:, None], window, s.window),
                        length=jnp.where(full, s.keep, s.length))
         return s, logits
