@@ -28,7 +28,8 @@ import time
 
 import click
 
-from jaxgpt.cli import CLIError, default_weights, load_vocab
+from jaxgpt.cli import load_model
+from jaxgpt.cli_devices import devices_option
 
 STREAM_CHUNK = 16  # steps per compiled call when streaming
 
@@ -67,9 +68,7 @@ def _separator(index: int) -> str:
               help="exact: the notebook's loop; strided: drop --stride tokens at once when the window is full (faster).")
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Strided mode only [default: context_length // 2].")
 @click.option("--stream/--no-stream", default=None, help="Print chunk by chunk [default: when stdout is a terminal].")
-@click.option("--devices", type=click.IntRange(min=1), default=None,
-              help="Split the --batch samples over the first N local devices [default: all; 1: one device]; "
-              "the text does not depend on it.")
+@devices_option("Split the samples (the text does not depend on it)")
 @click.option("--beams", type=click.IntRange(min=1), default=None,
               help="Beam search with N beams instead of sampling: the likeliest continuation found (--json: every "
                    "beam and its score).")
@@ -82,18 +81,11 @@ def generate_command(weights, vocab, prompts, num_chars, seed, temperature, top_
     started = time.perf_counter()
     cache = compile_cache.enable()
 
-    from porting import load_weights
-
     from jaxgpt.batching import Sampler
     from jaxgpt.requests import stream_completions
 
-    path = weights if weights is not None else default_weights()
-    characters, vocab_source = load_vocab(vocab, path)
-    model = load_weights(path)
+    model, path, characters, _ = load_model(weights, vocab)
     config = model.config
-    if characters.size != config.vocab_size:
-        raise CLIError(f"{vocab_source} has {characters.size} characters but {path} has "
-                       f"vocab_size {config.vocab_size}: pass the checkpoint's vocabulary with --vocab")
     if beams is not None:  # jaxgpt/cli_beam.py
         from jaxgpt.cli_beam import run_beams
 
