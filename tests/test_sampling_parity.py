@@ -131,3 +131,28 @@ def test_trained_weights():
     c = model.config.context_length
     assert_same_stream(*both_streams(ref, model, context, c + PAST_SLIDE, seed=1, **FILTERED))
     assert_same_stream(*both_streams(ref, model, context, c + 100, seed=0, temperature=0.0))
+
+
+@pytest.mark.parametrize("kw", [dict(min_p=0.05, temperature=1.1), dict(repetition_penalty=1.3, top_k=30),
+                                dict(logit_bias={"e": -1.5, " ": 0.5, "q": float("-inf")}, top_p=0.95),
+                                dict(repetition_penalty=0.8, temperature=0.0)],
+                         ids=["min_p", "repetition_penalty", "logit_bias", "greedy_penalty"])
+def test_request_options_equal_the_torch_loop_past_the_slide(small_pair, kw):
+    """min_p, repetition penalty and logit bias through jaxgpt.complete, against the torch loop
+    fed the same uniforms, identical over 1000 tokens past the window slide."""
+    ref, model = small_pair
+    num_new = SMALL["context_length"] + PAST_SLIDE
+    vocab = jaxgpt.default_vocab()
+    ours = jaxgpt.complete(model, "ROMEO:", num_new, seed=8, **kw)[0].tokens
+    bias = kw.get("logit_bias")
+    if bias is not None:
+        row = torch.zeros(SMALL["vocab_size"])
+        for char, b in bias.items():
+            row[int(vocab.encode(char)[0])] = b
+        bias = row
+    uniforms = torch.from_numpy(sampling_uniforms(8, 1, num_new))
+    with torch_threads(1):
+        theirs = inverse_cdf_generate(ref, torch.from_numpy(vocab.encode("ROMEO:")[None].astype(np.int64)), uniforms,
+                                      SMALL["context_length"], kw.get("temperature", 1.0), kw.get("top_k"),
+                                      kw.get("top_p"), kw.get("min_p"), kw.get("repetition_penalty"), bias).numpy()
+    assert_same_stream(ours[None], theirs)
