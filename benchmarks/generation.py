@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from benchmarks import roofline
-from benchmarks.harness import interleave, make_result, paired_ratio
+from benchmarks.harness import interleave, loop_result, make_result, paired_ratio
 
 NOTEBOOK, JAX_EXACT, JAX_STRIDED = "notebook loop", "jaxgpt exact", "jaxgpt strided"
 ORT_LOOP = "onnxruntime notebook loop"
@@ -119,11 +119,7 @@ def _notebook_case(models, batch: int, steps: int, marks: tuple[int, ...], threa
         finally:
             hook.remove()
         done = [s - begin for s in starts[1:]] + [end - begin]  # done[k-1]: k characters exist
-        row = {"seconds": end - begin, "ttfc": done[0]}
-        row.update({f"t{m}": done[m - 1] for m in marks if m <= n})
-        if warm:
-            row["partial"] = 1
-        return row
+        return loop_result(end - begin, done, marks, partial=warm)
 
     return case
 
@@ -147,11 +143,7 @@ def _tuned_case(models, variant: Tuned, batch: int, steps: int, marks: tuple[int
                                              on_token=lambda s: done.__setitem__(s, time.perf_counter() - begin))
             out.cpu()
             end = time.perf_counter()
-        row = {"seconds": end - begin, "ttfc": done[0]}
-        row.update({f"t{m}": done[m - 1] for m in marks if m <= n})
-        if warm and n < steps:
-            row["partial"] = 1
-        return row
+        return loop_result(end - begin, done, marks, partial=warm and n < steps)
 
     return case
 
@@ -289,26 +281,19 @@ def _batch_one(models, suite, limits, progress, generators, stride, keep) -> tup
     rows.append(g.row(JAX_EXACT, JAX_EXACT, 1, n, ttfc_s=jax_ttfc))
     rows.append(g.row(JAX_STRIDED, JAX_STRIDED, 1, long, keep=keep, stride=stride, ttfc_s=jax_ttfc))
 
-    best_nb = g.fastest(notebooks, nb_key)
     extrapolated = " (extrapolated)" if nb < n else ""
-    ratios[f"gen_b1_{mark}_exact_vs_notebook"] = g.ratio(
-        best_nb, "jax mark", f"batch 1, first {mark} chars (growing context): jaxgpt exact vs the {best_nb}",
-        f"t{mark}")
-    ratios[f"gen_b1_{n}_exact_vs_notebook"] = g.ratio(
-        best_nb, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs the {best_nb}{extrapolated}", nb_key)
-    if nb > c:
-        ratios[f"gen_b1_{long}_strided_vs_notebook"] = g.ratio(
-            best_nb, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs the {best_nb} (extrapolated)", ext)
-    if orts:
-        best_ort = g.fastest(orts, nb_key)
-        ratios[f"gen_b1_{mark}_exact_vs_ort_loop"] = g.ratio(
-            best_ort, "jax mark", f"batch 1, first {mark} chars (growing context): jaxgpt exact vs the {best_ort}",
+    for loops, label in ((notebooks, "notebook"), (orts, "ort_loop")):  # the notebook's loop, torch or ORT
+        if not loops:
+            continue
+        best = g.fastest(loops, nb_key)
+        ratios[f"gen_b1_{mark}_exact_vs_{label}"] = g.ratio(
+            best, "jax mark", f"batch 1, first {mark} chars (growing context): jaxgpt exact vs the {best}",
             f"t{mark}")
-        ratios[f"gen_b1_{n}_exact_vs_ort_loop"] = g.ratio(
-            best_ort, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs the {best_ort}{extrapolated}", nb_key)
+        ratios[f"gen_b1_{n}_exact_vs_{label}"] = g.ratio(
+            best, JAX_EXACT, f"batch 1, {n} chars: jaxgpt exact vs the {best}{extrapolated}", nb_key)
         if nb > c:
-            ratios[f"gen_b1_{long}_strided_vs_ort_loop"] = g.ratio(
-                best_ort, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs the {best_ort} (extrapolated)", ext)
+            ratios[f"gen_b1_{long}_strided_vs_{label}"] = g.ratio(
+                best, JAX_STRIDED, f"batch 1, {long} chars: jaxgpt strided vs the {best} (extrapolated)", ext)
     best = g.fastest([v.name() for v in tuned], f"t{mark}")
     ratios[f"gen_b1_{mark}_exact_vs_tuned"] = g.ratio(
         best, "jax mark", f"batch 1, first {mark} chars: jaxgpt exact vs {best}", f"t{mark}")

@@ -154,6 +154,17 @@ def stats_of(runs: list[dict[str, float]], key: str = "seconds") -> Stats:
     return summarize([run[key] for run in runs])
 
 
+def loop_result(seconds: float, done: list[float], marks, partial: bool = False) -> dict[str, float]:
+    """A generation loop's measurement: its time, time to first character ("ttfc") and "t<m>",
+    the time at which m characters existed, for each mark m it reached (`done[k - 1]`: the
+    time k characters existed). `partial` marks a shortened warm-up run."""
+    row = {"seconds": seconds, "ttfc": done[0]}
+    row.update({f"t{m}": done[m - 1] for m in marks if m <= len(done)})
+    if partial:
+        row["partial"] = 1
+    return row
+
+
 def make_result(name: str, framework: str, impl: str, batch: int, steps: int, measured: Measured,
                 key: str = "seconds", **extra) -> dict:
     """One JSON result row: median seconds of `key`, its spread, characters and characters/s.

@@ -118,6 +118,7 @@ def notebook_loop(model: OrtModel, num_new: int, context, context_length: int, t
 
 def loop_case(model: OrtModel, batch: int, steps: int, marks: tuple[int, ...], threads: int, context_length: int):
     """A harness case: the ORT notebook loop, with time to first character and the marks."""
+    from benchmarks.harness import loop_result
 
     def case(warm: bool):
         n = min(steps, 2) if warm else steps  # nothing to compile: a short warm-up suffices
@@ -126,12 +127,7 @@ def loop_case(model: OrtModel, batch: int, steps: int, marks: tuple[int, ...], t
         begin = time.perf_counter()
         notebook_loop(model, n, context, context_length, threads, rng=np.random.default_rng(0),
                       on_token=lambda s: done.__setitem__(s, time.perf_counter() - begin))
-        end = time.perf_counter()
-        row = {"seconds": end - begin, "ttfc": done[0]}
-        row.update({f"t{m}": done[m - 1] for m in marks if m <= n})
-        if warm:
-            row["partial"] = 1
-        return row
+        return loop_result(time.perf_counter() - begin, done, marks, partial=warm)
 
     return case
 
