@@ -246,6 +246,9 @@ def markdown(doc: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from jaxgpt.host_memory import reuse_host_memory
+
+    reuse_host_memory()  # before JAX starts, as in the server process (`jaxgpt` commands do it)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally clauses: stop the server
     p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", metavar="OUT")
