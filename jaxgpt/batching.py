@@ -282,8 +282,9 @@ class Batcher:
         with_lp = row.top_n >= 0
         return Event(slot, row.tag, ids, self.vocab.decode(ids) if self.vocab else None,
                      np.asarray(row.logprobs[start:end], np.float32) if with_lp else None,
-                     np.asarray(row.top_ids[start:end], np.int32).reshape(-1, row.top_n) if with_lp else None,
-                     np.asarray(row.top_logprobs[start:end], np.float32).reshape(-1, row.top_n) if with_lp else None,
+                     np.asarray(row.top_ids[start:end], np.int32).reshape(len(ids), row.top_n) if with_lp else None,
+                     np.asarray(row.top_logprobs[start:end], np.float32).reshape(len(ids), row.top_n)
+                     if with_lp else None,
                      reason)
 
     def _prompt_ids(self, prompt) -> np.ndarray:

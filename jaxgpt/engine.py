@@ -187,8 +187,13 @@ def _for_platform(fn, **jit_kwargs):
 
 
 def empty_slots(config, slots: int, dtype, rows: jax.sharding.Sharding | None = None) -> Slots:
-    """N idle slots (zero cache, inactive), their rows placed as `rows` says."""
-    return _empty_slots(config, slots, dtype, rows)
+    """N idle slots (zero cache, inactive), their rows placed as `rows` says.
+
+    Placed explicitly (committed), as `insert` and `generate` return them: otherwise the first
+    call of each would see other input placements than the later ones, and compile twice.
+    """
+    state = _empty_slots(config, slots, dtype, rows)
+    return jax.device_put(state, rows) if rows is not None else state
 
 
 @functools.partial(jax.jit, static_argnames=("config", "slots", "dtype", "rows"))

@@ -259,4 +259,18 @@ def test_benchmark_rows_on_a_tiny_model(tmp_path):
     suite = TINY.replace(reps=1, warmup=1)
     rows, ratios = requests_bench.run(build_models(suite.model, str(tmp_path)), suite)
     assert sorted(ratios) == ["logprobs5_vs_logprobs0", "ragged_32_batched_vs_one_by_one"]
-    assert all(r["ratio"] > 0 for r in ratios.values()) and len(rows) == 4
+    assert all(r["ratio"] > 0 and r["what"] for r in ratios.values()) and len(rows) == 4
+
+
+def test_logprobs_zero_alternatives_through_the_batcher(pair):
+    """Options(logprobs=0): the chosen character's log-probability and no alternatives."""
+    _, sampler = pair
+    batcher = Batcher(sampler, 2)
+    batcher.add("ab", 6, Options(logprobs=0))
+    events = []
+    while batcher.active():
+        events += batcher.step(4)
+    assert sum(len(e.tokens) for e in events) == 6
+    assert all(e.top_ids.shape == (len(e.tokens), 0) and e.logprobs.shape == (len(e.tokens),) for e in events)
+    want = complete(sampler, "ab", 6, logprobs=1, slots=2)[0]
+    np.testing.assert_array_equal(np.concatenate([e.logprobs for e in events]), want.logprobs)
