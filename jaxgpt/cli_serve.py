@@ -18,6 +18,7 @@ import time
 import click
 
 from jaxgpt.cli import CLIError, load_model
+from jaxgpt.cli_devices import devices_option
 
 
 @click.command("serve")
@@ -38,8 +39,7 @@ from jaxgpt.cli import CLIError, load_model
 @click.option("--api-key", envvar="JAXGPT_API_KEY", default=None, metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on every route but /health [env: JAXGPT_API_KEY].")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
-@click.option("--devices", type=click.IntRange(min=1), default=None,
-              help="Shard the slots over the first N local devices [default: all].")
+@devices_option("Shard the slots")
 @click.option("--chunk", type=click.IntRange(min=1), default=None,
               help="Generation steps per engine call [default: the engine's longest]; shorter: new requests join "
                    "and stream sooner, longer: less overhead per character. Never changes an answer.")
