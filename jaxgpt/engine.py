@@ -29,8 +29,8 @@ few full slots does not re-encode all N windows), and so on, until `num_steps` s
 or until every slot is idle: a batch whose rows have all finished spends no further steps.
 
 Compilation, per model configuration / parameter dtype / devices: `prefill` once per prompt
-bucket (the prompt length minus one, rounded up to a power of two), `insert` once, `generate`
-once per slot count N. Nothing else recompiles: not the prompts, their lengths within a bucket,
+bucket (the prompt length minus one, rounded up to a power of two), `insert` twice per slot
+count N (a prefilled prompt, a one-token prompt), `generate` once per slot count N. Nothing else recompiles: not the prompts, their lengths within a bucket,
 max_chars, seeds, any sampling value, modes and strides, stop strings, logprobs, chunk sizes.
 `TRACE_COUNTS` counts traces so tests can prove it.
 """
