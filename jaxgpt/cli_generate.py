@@ -84,6 +84,10 @@ def generate_command(weights, vocab, prompts, num_chars, seed, temperature, top_
     from jaxgpt.batching import Sampler
     from jaxgpt.requests import stream_completions
 
+    if devices is not None:  # before loading anything; the message names the flag
+        from jaxgpt.sharding import resolve_devices
+
+        resolve_devices(devices, name="--devices")
     model, path, characters, _ = load_model(weights, vocab)
     config = model.config
     if beams is not None:  # jaxgpt/cli_beam.py

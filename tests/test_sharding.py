@@ -265,7 +265,7 @@ def test_generate_cli_refuses_more_devices_than_visible(capsys, no_compile_cache
     code = main(["generate", "--num-chars", "5", "--devices", "3", "-q"])
     captured = capsys.readouterr()
     assert code == 1 and captured.out == ""
-    assert captured.err == "jaxgpt: error: --devices 3: only 1 local devices are visible\n"
+    assert captured.err == "jaxgpt: error: --devices 3: must be between 1 and the 1 available device\n"
 
 
 def test_the_benchmark_runs_end_to_end(tmp_path):
