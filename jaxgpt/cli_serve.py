@@ -41,8 +41,9 @@ from jaxgpt.cli_devices import devices_option
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
 @devices_option("Shard the slots")
 @click.option("--chunk", type=click.IntRange(min=1), default=None,
-              help="Generation steps per engine call [default: the engine's longest]; shorter: new requests join "
-                   "and stream sooner, longer: less overhead per character. Never changes an answer.")
+              help="Most generation steps per engine call [default: 8, at most 32]; the calls start at 1 step "
+                   "when requests join and double back up to it. Shorter: new requests join and stream sooner, "
+                   "longer: less overhead per character. Never changes an answer.")
 @click.option("--model-name", default="jaxgpt", show_default=True, help="The model id in /v1/models and responses.")
 @click.option("-q", "--quiet", is_flag=True, help="No diagnostics on stderr.")
 def serve_command(weights, vocab, host, port, max_batch, max_queue, max_tokens, api_key, insecure, devices,

@@ -211,6 +211,29 @@ def test_a_new_request_joins_a_running_batch_at_the_next_chunk(client, model):
     assert answer["choices"][0]["text"] == offline(model, short, 3)[0].text
 
 
+def test_chunks_start_at_one_step_when_requests_join_and_double_back(client, model, served, monkeypatch):
+    """The step-size policy: a new row's first characters come after one step, then chunks grow to the cap."""
+    scheduler = served[1].state.scheduler
+    wait_until(lambda: health(client)["slots"]["busy"] == 0)  # idle: the first chunk recorded is the first one
+    steps = []  # max_steps of every Batcher.step, in order
+    real = scheduler.batcher.step
+    monkeypatch.setattr(scheduler.batcher, "step", lambda k=None: (steps.append(k), real(k))[1])
+    with client.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 90_000, "stream": True,
+                                                        "seed": 4}) as r:
+        lines = r.iter_lines()  # kept until the with block closes the stream
+        next(line for line in lines if line.startswith("data: "))
+        wait_until(lambda: len(steps) >= 6)
+        joined = len(steps)
+        short = {"prompt": "bc", "max_tokens": 30, "seed": 8}
+        answer = client.post("/v1/completions", json=short).json()
+    cap = scheduler.chunk
+    assert cap == 8 and steps[:4] == [1, 2, 4, 8]
+    assert 1 in steps[joined:]  # the short request's admission restarted the ramp
+    for before, after in zip(steps, steps[1:]):
+        assert after == 1 or after == min(2 * before, cap), steps
+    assert answer["choices"][0]["text"] == offline(model, short, 8)[0].text
+
+
 def test_a_disconnected_stream_frees_its_slot_within_one_chunk(client, served, monkeypatch):
     scheduler = served[1].state.scheduler
     seen = {}  # Scheduler.steps when the server learnt of the disconnect, and when the engine freed the slot

@@ -100,7 +100,7 @@ class Guard:
 def create_app(model, *, vocab=None, max_batch: int = 32, max_queue: int = 256, max_tokens: int = 4096,
                api_key: str | None = None, devices=None, model_name: str = "jaxgpt",
                warm_up: bool = True, shutdown_grace: float = 3.0, chunk: int | None = None,
-               first_chunk: int | None = 8) -> FastAPI:
+               first_chunk: int = 1) -> FastAPI:
     """The server's application around one model.
 
     Args:
@@ -116,8 +116,9 @@ def create_app(model, *, vocab=None, max_batch: int = 32, max_queue: int = 256, 
       model_name: the id in /v1/models and in responses.
       warm_up: compile the engine's programs now (else on the first requests).
       shutdown_grace: seconds running requests get to finish once a shutdown starts.
-      chunk, first_chunk: steps per engine call, normally and right after a request joins
-        (see `Scheduler`); they never change an answer.
+      chunk, first_chunk: most steps per engine call (None: the scheduler's default), and steps
+        of the call right after requests join, the calls then doubling back up to `chunk` (see
+        `Scheduler.chunk_steps`); they never change an answer.
     """
     from jaxgpt.serving import backend
     from jaxgpt.vocab import default_vocab

@@ -14,7 +14,7 @@ own, only this scheduler:
                                           loop:
     client gone -> cancel(job)         ->   free the slots of cancelled jobs (Batcher.cancel)
                                             while a slot is free: Batcher.add(next pending row)
-                                            events = Batcher.step()      # one chunk, all slots
+                                            events = Batcher.step(k)     # one chunk, all slots
     job.queue (asyncio) <- Event       <-   dispatch each Event to its row's job
                                             (loop.call_soon_threadsafe)
 
@@ -22,6 +22,11 @@ own, only this scheduler:
   finish; a finished row's slot is free (and refilled) before the next chunk; a cancelled
   one is freed before the next chunk too, so a disconnected client holds its slot for at most
   the chunk in progress.
+- Chunk length k (`chunk_steps`): a new row's first character waits for the chunk in progress
+  when it arrives, its prefill and insert, and its own first chunk (tokens reach the host when
+  a chunk ends). So k is `first_chunk` (1) right after rows join, then doubles up to `chunk`
+  (`DEFAULT_CHUNK`): a burst's first rows stream at once and the rest of it joins within a
+  short chunk; k is traced, so it never recompiles nor changes a row's bits.
 - Row i of a request is added with the random stream (seed, i): since a row's output depends
   only on its prompt, options, stream and the slot count (every compiled piece has the same
   shape whatever the others do), its answer equals row i of `complete(..., seed=seed,
@@ -49,6 +54,11 @@ from typing import Callable
 from jaxgpt.serving.protocol import APIError, Plan
 
 log = logging.getLogger("jaxgpt.serve")
+
+# Most steps per chunk by default. Past a few steps a chunk costs about as much per step as the
+# engine's longest one, while a short one bounds how long a request arriving mid-chunk waits to
+# join and how long a row that finished mid-chunk holds its slot (see benchmarks/results/serving_cpu.md).
+DEFAULT_CHUNK = 8
 
 
 @dataclass(eq=False)
@@ -106,17 +116,22 @@ class Scheduler:
       make_batcher: builds the engine (called once, and again after a failed step).
       max_queue: most rows waiting for a slot; beyond it `submit` answers 429.
       metrics: a `serving.metrics.Metrics` or None.
-      chunk: steps per `Batcher.step` (None: the engine's longest chunk). Shorter chunks let new
-        requests in sooner and stream in smaller pieces; longer ones cost less per character.
-      first_chunk: steps of the chunk right after a row is admitted (None: a full chunk), so
-        a new request's first characters come sooner; chunking never changes the output.
+      chunk: most steps per `Batcher.step` (None: `DEFAULT_CHUNK`; at most the engine's
+        `CHUNK`). Shorter chunks let new requests in sooner and stream in smaller pieces;
+        longer ones cost less per character.
+      first_chunk: steps of the chunk right after rows are admitted; the chunks then double
+        back up to `chunk` (see `chunk_steps`). Chunking never changes the output.
     """
 
     def __init__(self, make_batcher: Callable[[], object], *, max_queue: int, metrics=None,
-                 chunk: int | None = None, first_chunk: int | None = 8):
+                 chunk: int | None = None, first_chunk: int = 1):
+        from jaxgpt.engine import CHUNK  # Batcher.step's most steps
+
         self._make_batcher = make_batcher
-        self.chunk, self.first_chunk = chunk, first_chunk
+        self.chunk = min(DEFAULT_CHUNK if chunk is None else chunk, CHUNK)
+        self.first_chunk = min(first_chunk, self.chunk)
         self._fresh = False  # a row was admitted since the last step
+        self._last_steps = self.chunk  # steps of the last chunk
         self.batcher = make_batcher()
         self.slots = self.batcher.free_slots()
         self.max_queue = max_queue
@@ -267,8 +282,20 @@ class Scheduler:
                 if self.metrics:
                     self.metrics.observe("queue_seconds", job.admitted - job.arrived)
 
+    def chunk_steps(self) -> int:
+        """Steps of the next chunk: `first_chunk` right after rows joined, else twice the last, up to `chunk`.
+
+        A new row's first character reaches the host only when a chunk ends, and a request
+        arriving during a chunk waits for its end; rows often join in bursts. So right after
+        rows join the chunks are short (first characters out at once, the rest of a burst in
+        soon after) and they grow back to `chunk` while nobody joins.
+        """
+        steps = self.first_chunk if self._fresh else min(2 * self._last_steps, self.chunk)
+        self._fresh, self._last_steps = False, steps
+        return steps
+
     def _step(self) -> None:
-        steps, self._fresh = (self.first_chunk if self._fresh else self.chunk), False
+        steps = self.chunk_steps()
         started = time.perf_counter()
         try:
             events = self.batcher.step(steps)
