@@ -235,8 +235,13 @@ class Batcher:
             del self._busy[slot]
 
     # ------------------------------------------------------------------ steps
-    def step(self, max_steps: int | None = None) -> list[Event]:
+    def step(self, max_steps: int | None = None, *, until_finish: bool = False) -> list[Event]:
         """Advances every busy slot by up to `max_steps` (default and at most `engine.CHUNK`) steps.
+
+        Args:
+          max_steps: steps at most in this call; never changes any row's output.
+          until_finish: also return right after the first step at which some row finishes, so
+            that a waiting request can take its slot (never changes any row's output either).
 
         Returns:
           One `Event` per busy slot that produced final characters or finished.
@@ -246,7 +251,8 @@ class Batcher:
         n = engine.CHUNK if max_steps is None else max(1, min(int(max_steps), engine.CHUNK))
         if self._pending:
             self._insert_pending()
-        self._state, chunk = engine.generate(self.sampler.graphdef, self._params, self._state, np.int32(n))
+        self._state, chunk = engine.generate(self.sampler.graphdef, self._params, self._state, np.int32(n),
+                                              np.bool_(until_finish))
         want_logprobs = any(row.top_n >= 0 for row in self._busy.values())
         fetched = jax.device_get((chunk.tokens, chunk.valid, self._state.finish, self._state.stop_length,
                                   (chunk.logprobs, chunk.top_ids, chunk.top_logprobs) if want_logprobs else None))

@@ -27,6 +27,8 @@ cache there: on CPU a cond costs a copy of its operands), then one mixed step (d
 slots with room, refill for the full ones, REFILL_GROUP windows per forward pass, so a step with
 few full slots does not re-encode all N windows), and so on, until `num_steps` steps
 or until every slot is idle: a batch whose rows have all finished spends no further steps.
+A full window is re-encoded C positions wide, or C // 2 + 1 wide when the row keeps no more
+(strided mode at its default stride or longer ones): the width depends on the row's own `keep`.
 
 Compilation, per model configuration / parameter dtype / devices: `prefill` once per prompt
 bucket (the prompt length minus one, rounded up to a power of two), `insert` twice per slot
@@ -51,7 +53,7 @@ from jaxgpt.sampling import SamplingParams, row_keys, sample, step_uniforms
 TRACE_COUNTS: collections.Counter = collections.Counter()
 """Number of times each compiled function was traced, i.e. compiled, in this process."""
 
-CHUNK = 32  # steps per `generate` call at most: the length of its output buffers
+CHUNK = 128  # steps per `generate` call at most: the length of its output buffers
 MAX_TOP_LOGPROBS = 20  # alternatives reported per character at most
 MAX_STOPS = 4  # stop strings per request
 MAX_STOP_LEN = 32  # characters per stop string
@@ -274,13 +276,15 @@ def release(slots: Slots, slot) -> Slots:
 release = jax.jit(release, donate_argnames=("slots",))
 
 
-def generate(graphdef, state: nnx.State, slots: Slots, num_steps) -> tuple[Slots, Chunk]:
+def generate(graphdef, state: nnx.State, slots: Slots, num_steps, until_finish) -> tuple[Slots, Chunk]:
     """Advances every active slot by up to `num_steps` (traced, <= CHUNK) steps.
 
     Args:
       graphdef, state: `nnx.split` of a GPT in eval mode (graphdef plain or a `StaticGraph`).
       slots: the current slots; donated.
       num_steps: int32 `()`.
+      until_finish: bool `()`: also end the call after the first step at which some slot
+        finishes (the host has a request waiting for a free slot).
 
     Returns:
       The slots after the last step, and the `Chunk` of tokens (and log-probabilities) produced.
@@ -290,6 +294,7 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps) -> tuple[Slots
     c = model.config.context_length
     n, v = slots.length.shape[0], model.config.vocab_size
     group = min(n, REFILL_GROUP)
+    short_width = c // 2 + 1  # keep of strided mode's default stride C // 2
     top = min(MAX_TOP_LOGPROBS, v)
     out = Chunk(jnp.zeros((n, CHUNK), jnp.int32), jnp.zeros((n, CHUNK), bool), jnp.zeros((n, CHUNK)),
                 jnp.zeros((n, CHUNK, top), jnp.int32), jnp.zeros((n, CHUNK, top)))
@@ -308,22 +313,18 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps) -> tuple[Slots
         window = jnp.take_along_axis(s.window, jnp.minimum(index, c - 1), axis=1)
         window = jnp.where(jnp.arange(c) == (s.keep - 1)[:, None], s.pending[:, None], window)
         window = jnp.where(jnp.arange(c) < s.keep[:, None], window, 0)  # (N, C)
-        # The full rows, REFILL_GROUP at a time: a step where few rows are full does not pay for
-        # re-encoding all N windows. Padding entries of the last group point at row N: dropped.
-        order = jnp.concatenate([jnp.argsort((~full).astype(jnp.int32), stable=True), jnp.full((group,), n)])  # full rows first
-        count = jnp.sum(full)
-
-        def encode(loop):
-            k, cache, logits = loop
-            rows = jax.lax.dynamic_slice_in_dim(order, k, group)
-            rows = jnp.where(k + jnp.arange(group) < count, rows, n)
-            some, some_cache = model.encode_window(jnp.take(window, rows, axis=0, mode="clip"), init_cache(
-                model.config, group, cache[0].k.dtype), jnp.take(s.keep, rows, mode="clip") - 1)
-            cache = jax.tree.map(lambda a, new: a.at[rows].set(new, mode="drop"), cache, some_cache)
-            return k + group, cache, logits.at[rows].set(some, mode="drop")
-
-        _, cache, logits = jax.lax.while_loop(lambda loop: loop[0] < count, encode,
-                                              (jnp.int32(0), s.cache, jnp.zeros((n, v), jnp.float32)))
+        # Short rows (keep <= `short`, strided mode's default and longer strides) are encoded
+        # `short` positions wide, the others C wide: a row's width depends on its own keep only.
+        short = full & (s.keep <= short_width)
+        order = jnp.argsort(jnp.where(short, 0, jnp.where(full, 1, 2)), stable=True)  # short, long, rest
+        order = jnp.concatenate([order, jnp.full((group,), n)])  # padding entries: row N, dropped
+        count_short = jnp.sum(short)
+        cache, logits = s.cache, jnp.zeros((n, v), jnp.float32)
+        if short_width < c:
+            cache, logits = _encode_groups(model, window[:, :short_width], s.keep, order, 0, count_short,
+                                           group, cache, logits)
+        cache, logits = _encode_groups(model, window, s.keep, order, count_short, jnp.sum(full), group,
+                                       cache, logits)
         s = s._replace(cache=cache, window=jnp.where(full[:, None], window, s.window),
                        length=jnp.where(full, s.keep, s.length))
         return s, logits
@@ -343,7 +344,9 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps) -> tuple[Slots
         return _emit(i, s, jnp.where(full[:, None], refilled, decoded), out)
 
     def running(loop):
-        return (loop[0] < num_steps) & jnp.any(loop[1].active)
+        active = loop[1].active
+        freed = jnp.any(slots.active & ~active)  # some slot finished during this call
+        return (loop[0] < num_steps) & jnp.any(active) & ~(until_finish & freed)
 
     def decode_run(loop):  # pure decode steps while no live slot is full
         return jax.lax.while_loop(lambda l: running(l) & ~jnp.any(needs_refill(l[1])), decode_step, loop)
@@ -352,6 +355,28 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps) -> tuple[Slots
     # Here either the run is over or some live slot is full: a mixed step, then decode again.
     _, slots, out = jax.lax.while_loop(running, lambda l: decode_run(mixed_step(l)), loop)
     return slots, out
+
+
+def _encode_groups(model, window, keep, order, start, stop, group, cache, logits):
+    """Re-encodes rows order[start:stop], `group` at a time, into `cache` and `logits`.
+
+    One forward pass per group of `group` rows whatever their number (the bits of a row never
+    depend on how many others are full); the last group's unused entries point at row N and
+    are dropped. window: int32 `(N, T)`, keep: `(N,)`, logits: float32 `(N, V)`.
+    """
+    n = window.shape[0]
+
+    def encode(loop):
+        k, cache, logits = loop
+        rows = jax.lax.dynamic_slice_in_dim(order, k, group)
+        rows = jnp.where(k + jnp.arange(group) < stop, rows, n)
+        some, some_cache = model.encode_window(jnp.take(window, rows, axis=0, mode="clip"), init_cache(
+            model.config, group, cache[0].k.dtype), jnp.take(keep, rows, mode="clip") - 1)
+        cache = jax.tree.map(lambda a, new: a.at[rows].set(new, mode="drop"), cache, some_cache)
+        return k + group, cache, logits.at[rows].set(some, mode="drop")
+
+    _, cache, logits = jax.lax.while_loop(lambda loop: loop[0] < stop, encode, (jnp.asarray(start, jnp.int32), cache, logits))
+    return cache, logits
 
 
 def _emit(i, s: Slots, logits, out: Chunk):

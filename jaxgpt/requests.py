@@ -44,6 +44,8 @@ class Completion:
     top_logprobs: list[dict[str, float]] | None = None
 
 
+STREAM_CHUNK = 32  # steps per engine call when streaming (`complete` runs up to `engine.CHUNK`)
+
 _OPTION_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "logit_bias", "stop", "logprobs",
                  "mode", "stride")
 
@@ -52,8 +54,8 @@ def stream_completions(model, prompts: str | Sequence[str], max_chars, *, seed=0
                        slots: int | None = None, chunk_size: int | None = None, **options) -> Iterator[Event]:
     """Runs the requests, yielding each row's new characters and its finish as they are produced.
 
-    Args: as `complete` (options by keyword), plus chunk_size: steps per engine call (at most
-      `engine.CHUNK`; never changes the output).
+    Args: as `complete` (options by keyword), plus chunk_size: steps per engine call (default
+      `STREAM_CHUNK`, at most `engine.CHUNK`; never changes the output).
 
     Yields:
       `batching.Event`s whose `tag` is the row's index in `prompts`.
@@ -62,6 +64,7 @@ def stream_completions(model, prompts: str | Sequence[str], max_chars, *, seed=0
       ValueError (VocabError for prompt characters outside the vocabulary): any bad value,
         before anything runs.
     """
+    chunk_size = STREAM_CHUNK if chunk_size is None else chunk_size
     return _prepare(model, prompts, max_chars, seed, vocab, devices, slots, chunk_size, options)[1]
 
 
@@ -106,7 +109,7 @@ def _run(batcher, prompts, budgets, row_options, seeds, streams, chunk_size) -> 
         while waiting and batcher.free_slots():
             r = waiting.pop(0)
             batcher.add(prompts[r], budgets[r], row_options[r], seed=seeds[r], stream=streams[r], tag=r)
-        yield from batcher.step(chunk_size)
+        yield from batcher.step(chunk_size, until_finish=bool(waiting))
 
 
 def complete(model, prompts: str | Sequence[str], max_chars, *, seed=0, temperature=1.0, top_k=None, top_p=None,

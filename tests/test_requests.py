@@ -148,9 +148,9 @@ def test_early_exit_skips_the_remaining_steps(pair, monkeypatch):
     steps = []
     generate = engine.generate
 
-    def counting(graphdef, state, slots, num_steps):
+    def counting(graphdef, state, slots, num_steps, until_finish):
         before = np.asarray(slots.done).copy()
-        out = generate(graphdef, state, slots, num_steps)
+        out = generate(graphdef, state, slots, num_steps, until_finish)
         steps.append(int(np.asarray(out[1].valid).any(axis=0).sum()))
         assert np.array_equal(np.asarray(out[0].done) - before, np.asarray(out[1].valid).sum(axis=1))
         return out
@@ -160,6 +160,28 @@ def test_early_exit_skips_the_remaining_steps(pair, monkeypatch):
     assert [c.finish_reason for c in got] == ["stop", "stop"]
     assert sum(steps) == text.find(stop) + len(stop)  # not 200: the loop ended with the rows
     assert len(steps) == 1
+
+
+def test_a_waiting_request_takes_a_freed_slot_at_once(pair, monkeypatch):
+    """With requests queued, an engine call ends at the step a row finishes, not after CHUNK steps."""
+    _, sampler = pair
+    calls = []
+    generate = engine.generate
+
+    def counting(graphdef, state, slots, num_steps, until_finish):
+        out = generate(graphdef, state, slots, num_steps, until_finish)
+        calls.append((bool(until_finish), int(np.asarray(out[1].valid).any(axis=0).sum())))
+        return out
+
+    monkeypatch.setattr(engine, "generate", counting)
+    got = complete(sampler, ["a", "b", "c"], [3, 40, 5], seed=2, slots=2)
+    assert [len(c.text) for c in got] == [3, 40, 5]
+    # Call 1: rows a and b, ends when a finishes after 3 steps (c waits); then b and c together.
+    assert calls[0] == (True, 3) and all(not until for until, _ in calls[1:])
+    assert sum(steps for _, steps in calls) == 40
+    monkeypatch.setattr(engine, "generate", generate)
+    again = complete(sampler, ["a", "b", "c"], [3, 40, 5], seed=2, slots=2)
+    assert [c.text for c in again] == [c.text for c in got]  # the same output without the spy
 
 
 def test_stop_at_the_very_first_character(pair):

@@ -71,7 +71,8 @@ def main(argv=None) -> None:
             batcher._insert_pending()
             tokens = []
             for first in range(0, args.steps, engine.CHUNK):
-                call = (sampler.graphdef, batcher._params, batcher._state, np.int32(min(engine.CHUNK, args.steps - first)))
+                call = (sampler.graphdef, batcher._params, batcher._state, np.int32(min(engine.CHUNK, args.steps - first)),
+                        np.bool_(False))
                 if lower:
                     return generate.lower(*call).compile().as_text()
                 batcher._state, chunk = generate(*call)
