@@ -134,6 +134,8 @@ class Batcher:
     Not thread-safe: one thread drives it (the server runs it in its scheduler thread).
     """
 
+    STEPS = 32  # steps per `step()` by default: streamed text arrives at least every 32 steps
+
     def __init__(self, model, slots: int, *, vocab: Vocab | str | None = None, devices=None):
         """Args:
           model: a `jaxgpt.GPT` in eval mode or a `Sampler` of one.
@@ -236,10 +238,11 @@ class Batcher:
 
     # ------------------------------------------------------------------ steps
     def step(self, max_steps: int | None = None, *, until_finish: bool = False) -> list[Event]:
-        """Advances every busy slot by up to `max_steps` (default and at most `engine.CHUNK`) steps.
+        """Advances every busy slot by up to `max_steps` steps.
 
         Args:
-          max_steps: steps at most in this call; never changes any row's output.
+          max_steps: steps at most in this call (default `STEPS`, at most `engine.CHUNK`);
+            never changes any row's output.
           until_finish: also return right after the first step at which some row finishes, so
             that a waiting request can take its slot (never changes any row's output either).
 
@@ -248,7 +251,7 @@ class Batcher:
         """
         if not self._busy:
             return []
-        n = engine.CHUNK if max_steps is None else max(1, min(int(max_steps), engine.CHUNK))
+        n = self.STEPS if max_steps is None else max(1, min(int(max_steps), engine.CHUNK))
         if self._pending:
             self._insert_pending()
         self._state, chunk = engine.generate(self.sampler.graphdef, self._params, self._state, np.int32(n),

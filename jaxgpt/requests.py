@@ -19,6 +19,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from jaxgpt import engine
 from jaxgpt.batching import Batcher, Event, as_sampler
 from jaxgpt.options import Options
 
@@ -44,8 +45,6 @@ class Completion:
     top_logprobs: list[dict[str, float]] | None = None
 
 
-STREAM_CHUNK = 32  # steps per engine call when streaming (`complete` runs up to `engine.CHUNK`)
-
 _OPTION_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "logit_bias", "stop", "logprobs",
                  "mode", "stride")
 
@@ -55,7 +54,7 @@ def stream_completions(model, prompts: str | Sequence[str], max_chars, *, seed=0
     """Runs the requests, yielding each row's new characters and its finish as they are produced.
 
     Args: as `complete` (options by keyword), plus chunk_size: steps per engine call (default
-      `STREAM_CHUNK`, at most `engine.CHUNK`; never changes the output).
+      `Batcher.STEPS`, at most `engine.CHUNK`; never changes the output).
 
     Yields:
       `batching.Event`s whose `tag` is the row's index in `prompts`.
@@ -64,7 +63,6 @@ def stream_completions(model, prompts: str | Sequence[str], max_chars, *, seed=0
       ValueError (VocabError for prompt characters outside the vocabulary): any bad value,
         before anything runs.
     """
-    chunk_size = STREAM_CHUNK if chunk_size is None else chunk_size
     return _prepare(model, prompts, max_chars, seed, vocab, devices, slots, chunk_size, options)[1]
 
 
@@ -136,7 +134,8 @@ def complete(model, prompts: str | Sequence[str], max_chars, *, seed=0, temperat
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty, logit_bias=logit_bias, stop=stop,
                    logprobs=logprobs, mode=mode, stride=stride)
-    batcher, events = _prepare(model, prompts, max_chars, seed, vocab, devices, slots, None, options)
+    # As many steps per engine call as it holds: nobody watches the text arrive.
+    batcher, events = _prepare(model, prompts, max_chars, seed, vocab, devices, slots, engine.CHUNK, options)
     parts: dict[int, list[Event]] = {}
     for event in events:
         parts.setdefault(event.tag, []).append(event)
