@@ -242,7 +242,7 @@ def insert(slots: Slots, requests: Request, cache: KVCache | None, targets) -> S
       requests: `Request` whose fields have N rows (one per slot of `slots`; rows beyond the
         requests are padding, aimed at slot N, which does not exist, and dropped).
       cache: their prompt's prefilled cache (`prefill`, one row), or None for a one-token
-        prompt (nothing cached: the slots' cache rows are zeroed).
+        prompt (nothing cached: the slots keep their cache rows, unread).
       targets: int32 `(N,)` the slot of each row of `requests` (N for padding).
     """
     TRACE_COUNTS["insert"] += 1
@@ -251,11 +251,13 @@ def insert(slots: Slots, requests: Request, cache: KVCache | None, targets) -> S
     def put(field, rows):
         return field.at[targets].set(jnp.asarray(rows, field.dtype), mode="drop")
 
-    if cache is None:  # zeros, not stale values: masked positions still meet 0-weights, and 0 * NaN = NaN
-        cache = jax.tree.map(lambda a: jnp.zeros((1, *a.shape[1:]), a.dtype), slots.cache)
+    # A one-token prompt caches nothing: its slots keep the previous request's keys and values,
+    # which only masked positions see (weight exactly 0; the model's values are finite).
+    if cache is not None:
+        cache = jax.tree.map(lambda a, row: put(a, jnp.broadcast_to(row, (n, *row.shape[1:]))), slots.cache, cache)
     r = requests
     return Slots(
-        cache=jax.tree.map(lambda a, row: put(a, jnp.broadcast_to(row, (n, *row.shape[1:]))), slots.cache, cache),
+        cache=slots.cache if cache is None else cache,
         window=put(slots.window, r.window), length=put(slots.length, r.length), pending=put(slots.pending, r.pending),
         done=put(slots.done, jnp.zeros(n, jnp.int32)), budget=put(slots.budget, r.budget),
         active=put(slots.active, jnp.ones(n, bool)), keys=put(slots.keys, row_keys(r.seed, r.stream)),
