@@ -60,4 +60,7 @@ def matmuls_program(config, batch: int, seed: int = 0):
                     jnp.einsum("bhts,bhsk->bhtk", p, a), jnp.einsum("bhts,bhtk->bhsk", p, c)]
         return out
 
-    return jax.jit(run), (linear, attention)
+    from jaxgpt.train import step_compiler_options
+
+    # compiled as the training step of this size is (the same matrix-product library)
+    return jax.jit(run, compiler_options=step_compiler_options(tokens=rows)), (linear, attention)

@@ -99,7 +99,8 @@ class _JaxStep:
         self.tx = make_optimizer(tc)
         self.params = jax.tree.map(jnp.copy, params)
         self.opt_state = self.tx.init(self.params)
-        self.step = make_train_step(train_def if train else eval_def, self.tx)
+        self.step = make_train_step(train_def if train else eval_def, self.tx,
+                                    tokens=tc.batch_size * model.config.context_length)
         self.key = jax.random.key(seed)
         self.count = 0
 

@@ -40,6 +40,23 @@ from jaxgpt.runs import HISTORY_FILE, open_run
 from jaxgpt.validation import integer, number, positive_int
 
 
+# XLA:CPU's matrix products for the training step: its default library (YNNPACK) is the faster
+# one for small steps, Eigen's from this many token rows per device on (B x T per device;
+# benchmarks/results/onnx_notes.md and train_step_cpu.md have the figures).
+EIGEN_DOTS_MIN_ROWS = 4096
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions: dots go to Eigen
+
+
+def step_compiler_options(mesh=None, tokens: int | None = None) -> dict | None:
+    """XLA compiler options of a step over `tokens` (B x T) on `mesh` (None: the default device);
+    None (the compiler's defaults) when `tokens` is None."""
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    rows = None if tokens is None else tokens // (1 if mesh is None else mesh.size)
+    if platform == "cpu" and rows is not None and rows >= EIGEN_DOTS_MIN_ROWS:
+        return dict(EIGEN_DOTS)
+    return None
+
+
 class DataParallelError(ValueError):
     """The requested devices cannot split the batch (or leave out processes of a multi-host run)."""
 
@@ -117,11 +134,16 @@ def cross_entropy(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, mesh=None) -> Callable:
+def make_train_step(graphdef, tx: optax.GradientTransformation, mesh=None, *,
+                    tokens: int | None = None) -> Callable:
     """Returns jitted `step(params, opt_state, x, y, key) -> (params, opt_state, loss, grad_norm)`.
 
     `graphdef` must come from a model in training mode (dropout on). `params` and `opt_state`
     are donated: pass the returned ones to the next call.
+
+    `tokens` (B x T of the batches it will be called with) picks the compiler options for
+    that size (`step_compiler_options`: on the CPU, which library does the matrix products);
+    a step called with other shapes still works, compiled with the same options.
 
     With a `mesh` (`data_parallel_mesh`), the step is data-parallel: params, opt_state, key
     and the outputs are replicated, x and y `(B, T)` are split by rows over the "data" axis
@@ -137,23 +159,26 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh=None) -> Ca
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
+    options = step_compiler_options(mesh, tokens)
     if mesh is None:
-        return jax.jit(step, donate_argnums=(0, 1))
+        return jax.jit(step, donate_argnums=(0, 1), compiler_options=options)
     whole, rows = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     return jax.jit(step, donate_argnums=(0, 1), in_shardings=(whole, whole, rows, rows, whole),
-                   out_shardings=whole)
+                   out_shardings=whole, compiler_options=options)
 
 
-def make_eval_loss(graphdef, mesh=None) -> Callable:
+def make_eval_loss(graphdef, mesh=None, *, tokens: int | None = None) -> Callable:
     """Returns `loss(params, x, y) -> mean loss` (jitted) for a model graphdef in eval mode.
 
     With a `mesh`, numpy batches `(B, T)` are split by rows over its "data" axis first.
+    `tokens`: as for `make_train_step`.
     """
     loss = lambda params, x, y: cross_entropy(nnx.merge(graphdef, params)(x), y)
+    options = step_compiler_options(mesh, tokens)
     if mesh is None:
-        return jax.jit(loss)
+        return jax.jit(loss, compiler_options=options)
     whole, rows = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    jitted = jax.jit(loss, in_shardings=(whole, rows, rows), out_shardings=whole)
+    jitted = jax.jit(loss, in_shardings=(whole, rows, rows), out_shardings=whole, compiler_options=options)
     return lambda params, x, y: jitted(params, sharding.put_global_batch(x, rows), sharding.put_global_batch(y, rows))
 
 
@@ -358,8 +383,8 @@ def fit(
     params = sharding.put_replicated(params, whole)
     tx = make_optimizer(config)
     opt_state = jax.jit(tx.init, out_shardings=whole)(params)
-    train_step = make_train_step(train_def, tx, mesh)
-    eval_loss = make_eval_loss(eval_def, mesh)
+    train_step = make_train_step(train_def, tx, mesh, tokens=config.batch_size * mc.context_length)
+    eval_loss = make_eval_loss(eval_def, mesh, tokens=config.batch_size * mc.context_length)
     schedule = make_schedule(config)
     checkpoints, start, history = None, 0, []
     if checkpoint_dir is not None:

@@ -22,6 +22,7 @@ from jaxgpt.data import DataError, get_batch, train_val_split
 from jaxgpt.model import GPT
 from jaxgpt.runs import ResumeError, check_resumable
 from jaxgpt.train import (
+    EIGEN_DOTS_MIN_ROWS,
     TrainConfig,
     fit,
     make_optimizer,
@@ -155,6 +156,28 @@ def test_train_step_compiles_once_and_uses_dropout(split):
     _, _, loss_c, _ = step(copy(p0), copy(o0), *get_batch(split.train, 16, 4, 0, 1), jax.random.fold_in(key, 0))
     assert float(loss_a) != float(loss_b)  # another dropout key, another mask
     assert step._cache_size() == 1  # new batches and keys never recompile
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a choice of XLA:CPU's matrix-product library")
+def test_large_cpu_steps_take_eigens_products_and_agree_with_the_default(split):
+    model = GPT(GPTConfig(context_length=16, model_dim=32, num_blocks=1, num_heads=2), rngs=nnx.Rngs(0))
+    train_def, _, params = split_modes(model)
+    tx = make_optimizer(TRAIN)
+    batch = EIGEN_DOTS_MIN_ROWS // CONFIG.context_length
+    x, y = get_batch(split.train, CONFIG.context_length, batch, 0, 0)
+    key = jax.random.key(0)
+    results, programs = [], []
+    for tokens in (None, batch * CONFIG.context_length):  # the compiler's defaults, then this size's options
+        step = make_train_step(train_def, tx, tokens=tokens)
+        p, o = jax.tree.map(jnp.copy, params), tx.init(params)
+        compiled = step.lower(p, o, x, y, key).compile()
+        programs.append(compiled.as_text())
+        results.append(compiled(p, o, x, y, key))
+    assert "ynn" in programs[0] and "ynn" not in programs[1]  # YNNPACK fusions by default, none at this size
+    (p0, _, loss0, _), (p1, _, loss1, _) = results
+    assert abs(float(loss0) - float(loss1)) <= 1e-6
+    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- fit
