@@ -150,11 +150,13 @@ def _notes(suite, torch_threads, load_start, load_end, rows, host_memory_reuse: 
     if compiled:
         firsts = ", ".join(f"{r['name']}: {r['first_run_s']:.0f} s" for r in compiled)
         notes.append(f"torch.compile (inductor, static shapes) first runs including compilation: {firsts}.")
-    for r in (ratios or {}).values():
+    for key, r in (ratios or {}).items():
         if "matmul_floor" in r:
             fl = r["matmul_floor"]
-            notes.append(f"Training step: {r.get('warmup', 1)} discarded rounds (benchmarks/train_step.py WARMUP: the two "
-                         "frameworks share one heap, which settles after a few rounds); its matrix products alone "
+            batch = key.removeprefix("train_step_b")
+            size = f" ({batch} x {suite.model.context_length})" if batch != key else ""
+            notes.append(f"Training step{size}: {r.get('warmup', 1)} discarded rounds (benchmarks/train_step.py "
+                         "WARMUP: the two frameworks share one heap, which settles after a few rounds); its matrix products alone "
                          f"(benchmarks/matmul_floor.py, {fl['gflop']:.1f} GFLOP) "
                          f"take {fl['seconds']:.3f} s in jax ({fl['gflop_per_s']:.0f} GFLOP/s); the jaxgpt step is "
                          f"{fl['jaxgpt_step_over_floor']:.2f}x that, and no step on these kernels could beat torch's by "
@@ -174,14 +176,17 @@ def _train_at_best_threads(module):
     def wrapped(models, suite, limits, progress):
         from benchmarks.threads import probe_threads, torch_threads
 
-        batch = 16 if suite.train_quick else 64  # the batch train_step.run times
-        step = module.speed_cases(models.jax, batch, torch_device=models.torch_device)["torch"]
-        threads, probe = probe_threads({"train_step": (1, lambda: step(False))}, suite.torch_threads, grad=True)
-        with torch_threads(threads):
-            rows, ratios = module.run(models, suite, limits, progress)
-        for row in rows:
-            if row["framework"] == "torch":
-                row.update(threads=threads, thread_probe={str(n): v for n, v in probe.items()})
+        rows, ratios = [], {}
+        for batch in suite.train_batches:  # one run per batch: each has its own fastest count
+            step = module.speed_cases(models.jax, batch, torch_device=models.torch_device)["torch"]
+            threads, probe = probe_threads({"train_step": (1, lambda: step(False))}, suite.torch_threads, grad=True)
+            with torch_threads(threads):
+                new_rows, new_ratios = module.run(models, suite.replace(train_batches=(batch,)), limits, progress)
+            for row in new_rows:
+                if row["framework"] == "torch":
+                    row.update(threads=threads, thread_probe={str(n): v for n, v in probe.items()})
+            rows += new_rows
+            ratios.update(new_ratios)
         return rows, ratios
 
     return wrapped

@@ -41,7 +41,7 @@ class SuiteConfig:
       compile_forward: also time the torch.compile'd tuned forward.
       onnx: also time and check the notebook model exported to ONNX on ONNX Runtime (the notebook
         loop in every generation group, the forward, parity), on a CPU with the `[onnx]` extra.
-      train_quick: passed to `benchmarks.train_step.run`.
+      train_batches: rows per training step (each of C tokens) timed by `benchmarks.train_step.run`.
       limits_matmul: n of the n x n matmul peak; limits_mbytes: array size of the bandwidth test.
       parity_inputs: random (B, T) inputs for the max |logit difference|.
       greedy_tokens: greedy-agreement length; sampled_tokens, sampled_rows: sampled-text agreement.
@@ -67,7 +67,7 @@ class SuiteConfig:
     forward_shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 128), (64, 128))
     compile_forward: bool = True
     onnx: bool = True
-    train_quick: bool = False
+    train_batches: tuple[int, ...] = (16, 64)
     limits_matmul: int = 2048
     limits_mbytes: int = 256
     parity_inputs: int = 64
@@ -106,7 +106,6 @@ QUICK = SuiteConfig(
     batch_steps=((8, 64), (64, 16)),
     compile_torch_batches=(),
     compile_forward=False,
-    train_quick=True,
     limits_matmul=1024,
     limits_mbytes=128,
     parity_inputs=16,
@@ -129,7 +128,7 @@ TINY = SuiteConfig(
     compile_torch_batches=(),
     forward_shapes=((2, 16),),
     compile_forward=False,
-    train_quick=True,
+    train_batches=(2,),
     limits_matmul=64,
     limits_mbytes=1,
     parity_inputs=3,

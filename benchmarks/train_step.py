@@ -318,33 +318,33 @@ def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = WARMUP, ch
 
 
 def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
-    """The benchmark suite's entry point (`benchmarks.__main__`): rows and the ratio.
+    """The benchmark suite's entry point (`benchmarks.__main__`): rows and ratios, one training
+    step per batch of `suite.train_batches`.
 
     Uses the suite's jaxgpt model as the shared starting weights (the suite's torch models
-    are not touched: a fresh notebook model is built from the same weights). `suite.train_quick`
-    times batch 16 instead of 64.
+    are not touched: a fresh notebook model is built from the same weights).
     """
     from benchmarks import roofline
 
-    batch = 16 if suite.train_quick else 64
-    result = measure(models.jax, batch=batch, reps=suite.reps, warmup=max(suite.warmup, WARMUP), progress=progress,
-                     torch_device=models.torch_device)
     cfg, length = models.config, models.config.context_length
-    flops = roofline.flops_train_step(cfg, batch, length)
-    rows = []
-    for name, framework in (("torch", "torch"), ("jaxgpt", "jax")):
-        f = result["frameworks"][name]
-        st = f["seconds"]
-        row = {"name": f"train step b{batch} t{length}", "framework": framework,
-               "impl": "notebook model" if name == "torch" else "jaxgpt", "batch": batch, "steps": length,
-               "chars": batch * length, "seconds": st["median"], "chars_per_s": f["tokens_per_s"], "spread": st,
-               "first_run_s": f["first_step_s"]}
-        if name == "jaxgpt":
-            row["agreement"] = result["agreement"]
-        rows.append(roofline.annotate(row, flops, roofline.weight_bytes(cfg), limits))
-    ratios = {f"train_step_b{batch}": {"what": result["what"], "ratio": result["ratio"], "paired": result["paired"],
-                                      "agreement_ok": result["agreement"]["ok"], "matmul_floor": result["matmul_floor"],
-                                      "warmup": result["warmup"]}}
+    rows, ratios = [], {}
+    for batch in suite.train_batches:
+        result = measure(models.jax, batch=batch, reps=suite.reps, warmup=max(suite.warmup, WARMUP),
+                         progress=progress, torch_device=models.torch_device)
+        flops = roofline.flops_train_step(cfg, batch, length)
+        for name, framework in (("torch", "torch"), ("jaxgpt", "jax")):
+            f = result["frameworks"][name]
+            st = f["seconds"]
+            row = {"name": f"train step b{batch} t{length}", "framework": framework,
+                   "impl": "notebook model" if name == "torch" else "jaxgpt", "batch": batch, "steps": length,
+                   "chars": batch * length, "seconds": st["median"], "chars_per_s": f["tokens_per_s"], "spread": st,
+                   "first_run_s": f["first_step_s"]}
+            if name == "jaxgpt":
+                row["agreement"] = result["agreement"]
+            rows.append(roofline.annotate(row, flops, roofline.weight_bytes(cfg), limits))
+        ratios[f"train_step_b{batch}"] = {"what": result["what"], "ratio": result["ratio"], "paired": result["paired"],
+                                          "agreement_ok": result["agreement"]["ok"],
+                                          "matmul_floor": result["matmul_floor"], "warmup": result["warmup"]}
     return rows, ratios
 
 
