@@ -1,7 +1,9 @@
 """Forward logits `(B, T, V)` of one batch: notebook model, tuned torch, ONNX Runtime, jaxgpt.
 
 jaxgpt's forward is `jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))` with the
-parameters traced (as the engine and the training step do); the clock stops after
+parameters traced (as the engine and the training step do), compiled with the options jaxgpt's
+own batch programs take for B x T tokens (`jaxgpt.train.step_compiler_options`, as the
+evaluation loss: on the CPU, Eigen's matrix products from 4,096 rows on); the clock stops after
 `block_until_ready`. The torch models run under `inference_mode` (the reference under
 `no_grad`, as the notebook's code) at the thread count a probe finds fastest
 (`benchmarks.threads`); the tuned one at torch's default and at each candidate thread count,
@@ -47,8 +49,11 @@ def _jax_case(model, tokens_np):
     import jax
     from flax import nnx
 
+    from jaxgpt.train import step_compiler_options
+
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x), compiler_options=step_compiler_options(
+        tokens=int(np.prod(tokens_np.shape))))
     tokens = jax.device_put(tokens_np)
 
     def case(warm: bool):
