@@ -172,18 +172,62 @@ class Chunk(NamedTuple):
     top_logprobs: jax.Array
 
 
-def _for_platform(fn, **jit_kwargs):
-    """`fn` jitted once per platform (that of its `state` argument), with its `COMPILER_OPTIONS`."""
+class _Tree:
+    """A PyTreeDef as jit's static argument, hashed once."""
+
+    __slots__ = ("treedef", "_hash")
+
+    def __init__(self, treedef):
+        self.treedef = treedef
+        self._hash = hash(treedef)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Tree) and (self.treedef is other.treedef or self.treedef == other.treedef)
+
+
+_FLAT: collections.OrderedDict = collections.OrderedDict()  # id(state) -> (state, _Tree, leaves)
+
+
+def _flatten(state):
+    """`state`'s treedef and leaves, remembered for the last few states.
+
+    Flattening an `nnx.State` runs Python for every Variable; the engine is called with the
+    same few parameter states over and over, so each call would pay it again.
+    """
+    hit = _FLAT.get(id(state))
+    if hit is None or hit[0] is not state:
+        leaves, treedef = jax.tree.flatten(state)
+        hit = _FLAT[id(state)] = (state, _Tree(treedef), tuple(leaves))
+        while len(_FLAT) > 8:
+            _FLAT.popitem(last=False)
+    return hit[1], hit[2]
+
+
+def _for_platform(fn, donate_argnums=(), static_argnames=()):
+    """`fn(graphdef, state, *args)` jitted once per platform (that of `state`), with its `COMPILER_OPTIONS`.
+
+    graphdef is static, and fn's keyword arguments `static_argnames`; the state travels as its
+    leaves (see `_flatten`); `donate_argnums` count fn's positional arguments.
+    """
     programs: dict[str, Callable] = {}
 
+    def flat(graphdef, tree, leaves, *args, **kwargs):
+        return fn(graphdef, jax.tree.unflatten(tree.treedef, leaves), *args, **kwargs)
+
     @functools.wraps(fn)
-    def run(*args, **kwargs):
-        leaf = jax.tree.leaves(args[1])[0]
+    def run(graphdef, state, *args, **kwargs):
+        tree, leaves = _flatten(state)
+        leaf = leaves[0]
         platform = (next(iter(leaf.sharding.device_set)).platform if isinstance(leaf, jax.Array)
                     else jax.default_backend())
         if platform not in programs:
-            programs[platform] = jax.jit(fn, compiler_options=COMPILER_OPTIONS.get(platform), **jit_kwargs)
-        return programs[platform](*args, **kwargs)
+            programs[platform] = jax.jit(flat, compiler_options=COMPILER_OPTIONS.get(platform), static_argnums=(0, 1),
+                                         static_argnames=static_argnames,
+                                         donate_argnums=tuple(i + 1 for i in donate_argnums))
+        return programs[platform](graphdef, tree, leaves, *args, **kwargs)
 
     return run
 
@@ -227,7 +271,7 @@ def prefill(graphdef, state: nnx.State, tokens: jax.Array) -> KVCache:
     return model.prefill(tokens, init_cache(model.config, 1, state_dtype(state)))
 
 
-prefill = _for_platform(prefill, static_argnames=("graphdef",))
+prefill = _for_platform(prefill)
 
 
 def state_dtype(state: nnx.State):
@@ -423,4 +467,4 @@ def _stop_match(recent, stops, lengths):
     return jnp.max(jnp.where(hit, lengths, 0), axis=-1)
 
 
-generate = _for_platform(generate, static_argnames=("graphdef",), donate_argnames=("slots",))
+generate = _for_platform(generate, donate_argnums=(2,))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from importlib import resources
@@ -103,6 +104,7 @@ class Vocab:
         write_json(path, {str(i): c for i, c in enumerate(self.chars)}, indent=0)
 
 
+@functools.lru_cache(maxsize=1)
 def default_vocab() -> Vocab:
-    """The published 104-character map (id 0 is the newline, id 1 the space)."""
+    """The published 104-character map (id 0 is the newline, id 1 the space); read once."""
     return Vocab.load(DEFAULT_VOCAB_PATH)
