@@ -57,7 +57,7 @@ CHUNK = 128  # steps per `generate` call at most: the length of its output buffe
 MAX_TOP_LOGPROBS = 20  # alternatives reported per character at most
 MAX_STOPS = 4  # stop strings per request
 MAX_STOP_LEN = 32  # characters per stop string
-REFILL_GROUP = 8  # full windows re-encoded per forward pass (at most; fewer when N is smaller)
+REFILL_GROUP = 4  # full windows re-encoded per forward pass (at most; fewer when N is smaller)
 
 RUNNING, LENGTH, STOP = 0, 1, 2  # `Slots.finish` codes
 
@@ -287,7 +287,8 @@ def insert(slots: Slots, requests: Request, cache: KVCache | None, targets) -> S
         requests are padding, aimed at slot N, which does not exist, and dropped).
       cache: their prompt's prefilled cache (`prefill`, one row), or None for a one-token
         prompt (nothing cached: the slots keep their cache rows, unread).
-      targets: int32 `(N,)` the slot of each row of `requests` (N for padding).
+      targets: int32 `(N,)` the slot of each row of `requests`: the real rows first, then N
+        for each padding row.
     """
     TRACE_COUNTS["insert"] += 1
     n = slots.length.shape[0]
@@ -297,8 +298,11 @@ def insert(slots: Slots, requests: Request, cache: KVCache | None, targets) -> S
 
     # A one-token prompt caches nothing: its slots keep the previous request's keys and values,
     # which only masked positions see (weight exactly 0; the model's values are finite).
-    if cache is not None:
-        cache = jax.tree.map(lambda a, row: put(a, jnp.broadcast_to(row, (n, *row.shape[1:]))), slots.cache, cache)
+    if cache is not None:  # written into the real rows only (a scatter of N broadcast rows costs N writes)
+        def write(i, into):
+            return jax.tree.map(lambda a, row: jax.lax.dynamic_update_slice_in_dim(a, row.astype(a.dtype), targets[i], 0),
+                                into, cache)
+        cache = jax.lax.fori_loop(0, jnp.sum(targets < n), write, slots.cache)
     r = requests
     return Slots(
         cache=slots.cache if cache is None else cache,
