@@ -147,6 +147,11 @@ def _notes(suite, torch_threads, load_start, load_end, rows, host_memory_reuse: 
         figures = "; ".join(f"{n} thread(s): " + ", ".join(f"{k[:-2]} {1e3 * t:.2f} ms" for k, t in v.items())
                             for n, v in r["thread_probe"].items())
         notes.append(f"Thread probe, {key[0]} batch {key[2]}, {key[1]}: {figures}.")
+    for r in rows:
+        if "thread_medians_s" in r:
+            medians = "; ".join(f"{n} thread(s) {t:.3f} s" for n, t in r["thread_medians_s"].items())
+            notes.append(f"{r['name']}, the notebook model's step at each thread count, cases of the same interleaved "
+                         f"rounds (median): {medians}; the fastest is the ratio's baseline.")
     if compiled:
         firsts = ", ".join(f"{r['name']}: {r['first_run_s']:.0f} s" for r in compiled)
         notes.append(f"torch.compile (inductor, static shapes) first runs including compilation: {firsts}.")
@@ -156,8 +161,8 @@ def _notes(suite, torch_threads, load_start, load_end, rows, host_memory_reuse: 
             batch = key.removeprefix("train_step_b")
             size = f" ({batch} x {suite.model.context_length})" if batch != key else ""
             notes.append(f"Training step{size}: {r.get('warmup', 1)} discarded rounds (benchmarks/train_step.py "
-                         "WARMUP: the two frameworks share one heap, which settles after a few rounds); its matrix products alone "
-                         f"(benchmarks/matmul_floor.py, {fl['gflop']:.1f} GFLOP) "
+                         "WARMUP: the two frameworks share one heap, which settles after a few rounds); its matrix "
+                         f"products alone (benchmarks/matmul_floor.py, {fl['gflop']:.1f} GFLOP) "
                          f"take {fl['seconds']:.3f} s in jax ({fl['gflop_per_s']:.0f} GFLOP/s); the jaxgpt step is "
                          f"{fl['jaxgpt_step_over_floor']:.2f}x that, and no step on these kernels could beat torch's by "
                          f"more than {fl['best_possible_ratio']:.2f}x here.")
@@ -166,30 +171,6 @@ def _notes(suite, torch_threads, load_start, load_end, rows, host_memory_reuse: 
                     "buffer is not page-faulted afresh on every call." if host_memory_reuse else
                     "off (not Linux/glibc, or JAX had started): XLA:CPU's scratch buffers are mapped afresh per call."))
     return notes
-
-
-def _train_at_best_threads(module):
-    """`benchmarks.train_step.run` (the training helper's; it times torch at the current thread
-    count) wrapped so that torch runs at the thread count a probe finds fastest for the very
-    step it times (`train_step.speed_cases`), like every other torch side of the suite."""
-
-    def wrapped(models, suite, limits, progress):
-        from benchmarks.threads import probe_threads, torch_threads
-
-        rows, ratios = [], {}
-        for batch in suite.train_batches:  # one run per batch: each has its own fastest count
-            step = module.speed_cases(models.jax, batch, torch_device=models.torch_device)["torch"]
-            threads, probe = probe_threads({"train_step": (1, lambda: step(False))}, suite.torch_threads, grad=True)
-            with torch_threads(threads):
-                new_rows, new_ratios = module.run(models, suite.replace(train_batches=(batch,)), limits, progress)
-            for row in new_rows:
-                if row["framework"] == "torch":
-                    row.update(threads=threads, thread_probe={str(n): v for n, v in probe.items()})
-            rows += new_rows
-            ratios.update(new_ratios)
-        return rows, ratios
-
-    return wrapped
 
 
 def main(argv=None) -> int:
@@ -225,8 +206,7 @@ def main(argv=None) -> int:
             if group in suite.groups:
                 progress(f"--- {group}")
                 module = __import__(f"benchmarks.{_MODULES[group]}", fromlist=["run"])
-                run = _train_at_best_threads(module) if group == "train" else module.run
-                new_rows, new_ratios = run(models, suite, limits, progress)
+                new_rows, new_ratios = module.run(models, suite, limits, progress)
                 rows += new_rows
                 ratios.update(new_ratios)
         if "parity" in suite.groups:

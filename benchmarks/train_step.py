@@ -215,10 +215,16 @@ def agreement(model, batch: int = 8, seed: int = 0) -> dict:
     }
 
 
-def speed_cases(model, batch: int, seed: int = 0, torch_device: str = "cpu") -> dict:
+def torch_name(threads: int | None) -> str:
+    """The case name of the torch step at an intra-op thread count (None: torch's current one)."""
+    return "torch" if threads is None else f"torch, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def speed_cases(model, batch: int, seed: int = 0, torch_device: str = "cpu", torch_threads=None) -> dict:
     """{"torch": case, "jaxgpt": case, "jax matmuls only": case}: one training step each (dropout
     on), same batch and weights, torch on `torch_device`; and the step's matrix products alone
-    (`benchmarks.matmul_floor`)."""
+    (`benchmarks.matmul_floor`). With `torch_threads` (intra-op thread counts) the torch step is
+    one case per count instead, named by `torch_name`."""
     import jax
     import torch
 
@@ -247,11 +253,22 @@ def speed_cases(model, batch: int, seed: int = 0, torch_device: str = "cpu") -> 
     def floor_case(warm):
         return timed(lambda: jax.block_until_ready(products(*operands)))
 
-    return {"torch": torch_case, "jaxgpt": jax_case, "jax matmuls only": floor_case}
+    def torch_at(n):
+        from benchmarks.threads import torch_threads as threads
+
+        def case(warm):
+            with threads(n):
+                return torch_case(warm)
+
+        return case
+
+    torch_cases = ({"torch": torch_case} if torch_threads is None else
+                   {torch_name(n): torch_at(n) for n in torch_threads})
+    return {**torch_cases, "jaxgpt": jax_case, "jax matmuls only": floor_case}
 
 
 def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = WARMUP, check_batch: int = 8, progress=None,
-            torch_device: str = "cpu") -> dict:
+            torch_device: str = "cpu", torch_threads=None) -> dict:
     """Times both training steps (interleaved) and checks their agreement.
 
     Args:
@@ -261,10 +278,13 @@ def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = WARMUP, ch
       check_batch: rows of the agreement batch.
       progress: optional callback given a short description before each run.
       torch_device: where the torch step runs (the agreement check runs on the CPU).
+      torch_threads: intra-op thread counts at which the torch step runs, each a case of the
+        same interleaved rounds; the fastest median is "torch" (default: torch's current count).
 
     Returns:
       A JSON-ready dict: config, batch, per-framework statistics, ratio (torch / jax median
-      time) with per-round ratios, tokens/s, agreement, machine facts.
+      time) with per-round ratios, tokens/s, agreement, machine facts; with `torch_threads`,
+      also "torch_threads" (the count "torch" ran at) and "torch_medians" {count: median s}.
     """
     import jax
     import torch
@@ -279,7 +299,14 @@ def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = WARMUP, ch
     load_start = os.getloadavg()[0]
     began = time.perf_counter()
     check = agreement(model, check_batch)
-    measured = interleave(speed_cases(model, batch, torch_device=torch_device), reps, warmup, progress)
+    measured = interleave(speed_cases(model, batch, torch_device=torch_device, torch_threads=torch_threads),
+                          reps, warmup, progress)
+    chosen, medians = None, None
+    if torch_threads is not None:
+        medians = {n: stats_of(measured[torch_name(n)].runs).median for n in torch_threads}
+        chosen = min(medians, key=medians.get)
+        measured = {"torch": measured[torch_name(chosen)],
+                    **{k: v for k, v in measured.items() if not k.startswith("torch")}}
     tokens = batch * config.context_length
     frameworks = {}
     for name, m in measured.items():
@@ -314,6 +341,7 @@ def measure(model=None, batch: int = 64, reps: int = 5, warmup: int = WARMUP, ch
                     "load_average_end": os.getloadavg()[0]},
         "versions": versions("optax", "torch"),
         "elapsed_s": time.perf_counter() - began,
+        **({"torch_threads": chosen, "torch_medians": medians} if medians is not None else {}),
     }
 
 
@@ -322,15 +350,22 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
     step per batch of `suite.train_batches`.
 
     Uses the suite's jaxgpt model as the shared starting weights (the suite's torch models
-    are not touched: a fresh notebook model is built from the same weights).
+    are not touched: a fresh notebook model is built from the same weights). The torch step
+    runs at torch's default thread count and at each of `suite.torch_threads`, every count a
+    case of the same interleaved rounds (a one-off probe misjudges a step of seconds on a busy
+    machine); the fastest median is the ratio's baseline, the others are reported in its row.
     """
+    import torch
+
     from benchmarks import roofline
+
+    torch_threads = list(dict.fromkeys([torch.get_num_threads(), *suite.torch_threads]))
 
     cfg, length = models.config, models.config.context_length
     rows, ratios = [], {}
     for batch in suite.train_batches:
         result = measure(models.jax, batch=batch, reps=suite.reps, warmup=max(suite.warmup, WARMUP),
-                         progress=progress, torch_device=models.torch_device)
+                         progress=progress, torch_device=models.torch_device, torch_threads=torch_threads)
         flops = roofline.flops_train_step(cfg, batch, length)
         for name, framework in (("torch", "torch"), ("jaxgpt", "jax")):
             f = result["frameworks"][name]
@@ -341,6 +376,9 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
                    "first_run_s": f["first_step_s"]}
             if name == "jaxgpt":
                 row["agreement"] = result["agreement"]
+            else:
+                row["threads"] = result["torch_threads"]
+                row["thread_medians_s"] = {str(n): t for n, t in result["torch_medians"].items()}
             rows.append(roofline.annotate(row, flops, roofline.weight_bytes(cfg), limits))
         ratios[f"train_step_b{batch}"] = {"what": result["what"], "ratio": result["ratio"], "paired": result["paired"],
                                           "agreement_ok": result["agreement"]["ok"],
