@@ -29,6 +29,9 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.ops import LAYER_NORM_EPS, causal_attention, layer_norm, project
 
 _init = nnx.initializers.normal(stddev=0.02)
+# The query/key/value product in 4 float32 chains: its rounding, amplified by the attention
+# scores, is most of the logits' float32 error (benchmarks/results/parity_numerics.md).
+QKV_PARTS = 4
 
 
 class LayerCache(NamedTuple):
@@ -160,7 +163,7 @@ class Attention(nnx.Module):
 
     def _qkv(self, x):  # (B, T, D) -> (B, T, 3, H, K)
         w = self.qkv[...]
-        return project(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:2], *w.shape[1:])
+        return project(x, w.reshape(w.shape[0], -1), QKV_PARTS).reshape(*x.shape[:2], *w.shape[1:])
 
     def _keys_values(self, qkv) -> LayerCache:  # cache layouts: keys (B, H, K, T), values (B, H, T, K)
         _, k, v = qkv.transpose(2, 0, 3, 1, 4)

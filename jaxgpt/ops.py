@@ -1,8 +1,9 @@
 """Three kernels with hand-written backward passes, used by `jaxgpt.model`.
 
-Each computes exactly what its plain formula computes; only the gradients are written by hand,
-because autodiff's versions made XLA:CPU produce slow training steps (the README's benchmark
-section and `benchmarks/results/train_step_cpu.md` have the figures):
+Each computes what its plain formula computes (`project` optionally sums its product in parts,
+for float32 accuracy); the gradients are written by hand, because autodiff's versions made
+XLA:CPU produce slow training steps (the README's benchmark section and
+`benchmarks/results/train_step_cpu.md` have the figures):
 
 * `project`: `x @ kernel` whose kernel gradient is activations^T @ output-gradient. JAX's
   default transpose computes output-gradient^T @ activations, and XLA:CPU then materialises the
@@ -27,17 +28,42 @@ import jax.numpy as jnp
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default
 
 
-@jax.custom_vjp
-def project(x, kernel):
-    """`x @ kernel` over the last axis: x `(..., I)`, kernel `(I, O)` -> `(..., O)`."""
+SPLIT_MIN_ROWS = 128  # fewer rows: `project` ignores `parts` (see its docstring)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def project(x, kernel, parts: int = 1):
+    """`x @ kernel` over the last axis: x `(..., I)`, kernel `(I, O)` -> `(..., O)`.
+
+    With `parts` > 1 the forward sums `parts` products over consecutive slices of the
+    contraction (in order), when x has at least `SPLIT_MIN_ROWS` rows. XLA:CPU accumulates each
+    output in one float32 chain over all I terms, whose rounding error grows with I; shorter
+    chains are more accurate (torch's MKL accumulates in blocks too). Each part copies its slice
+    of the kernel, which a product of a few rows (a decode step) cannot amortise, so those
+    keep one chain. The gradient is the same either way.
+    """
+    rows = math.prod(x.shape[:-1])
+    if parts > 1 and rows >= SPLIT_MIN_ROWS:
+        return contract_in_parts(x, kernel, parts)
     return jnp.einsum("...i,io->...o", x, kernel)
 
 
-def _project_fwd(x, kernel):
-    return project(x, kernel), (x, kernel)
+def contract_in_parts(x, kernel, parts: int):
+    """`x @ kernel` as the sum of `parts` (at most I) products over consecutive slices of I."""
+    size = kernel.shape[0]
+    step = -(-size // min(parts, size))
+    out = None
+    for start in range(0, size, step):
+        part = jnp.einsum("...i,io->...o", x[..., start : start + step], kernel[start : start + step])
+        out = part if out is None else out + part
+    return out
 
 
-def _project_bwd(residuals, g):
+def _project_fwd(x, kernel, parts):
+    return project(x, kernel, parts), (x, kernel)
+
+
+def _project_bwd(parts, residuals, g):
     x, kernel = residuals
     dx = jnp.einsum("...o,io->...i", g, kernel)
     dkernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())))
