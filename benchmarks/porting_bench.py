@@ -4,14 +4,71 @@ jaxgpt: `porting.load_weights(path)` (torch-free reader, key mapping, shape chec
 with its parameters on the device; the clock stops once they are materialised). torch: what
 a torch user does to get the same model: `torch.load(path)` + `load_state_dict(strict=True)`
 into the notebook's class (construction included, as jaxgpt's includes building the GPT).
+
+Three settings: repeat loads in this process; the first load of a configuration in this
+process (jaxgpt's abstract module traced again); and the first load in a fresh Python process
+(`fresh_process_runs`: one child per side and round, the sides alternating), timed from after
+the imports (jax, flax and porting; torch and the notebook's class) and, separately, with
+them (the child's clock starts before its first import).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 
-from benchmarks.harness import interleave, make_result, paired_ratio
+from benchmarks.harness import Measured, interleave, make_result, paired_ratio
+
+
+_CHILD = r"""
+import json, os, sys, time
+begin = time.perf_counter()
+side, path, threads, config = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+if side == "jaxgpt":
+    import jax
+    from flax import nnx
+    import porting
+    imported = time.perf_counter()
+    model = porting.load_weights(path)
+    jax.block_until_ready(nnx.state(model))
+else:
+    import importlib.util
+    import torch
+    torch.set_num_threads(threads)
+    # The notebook's class alone (importing the porting package would import jax).
+    spec = importlib.util.spec_from_file_location("torch_reference", os.path.join(sys.argv[5], "porting", "torch_reference.py"))
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    imported = time.perf_counter()
+    model = reference.make_reference(**config)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+done = time.perf_counter()
+print(json.dumps({"seconds": done - imported, "with_imports": done - begin}))
+"""
+
+
+def fresh_process_runs(path: str, config, rounds: int, torch_threads: int) -> dict[str, list[dict[str, float]]]:
+    """Side ("jaxgpt", "torch") -> per round {"seconds": the first load in a fresh process,
+    imports excluded, "with_imports": from the child's first import to the ready model}; one
+    child per side and round, the first side alternating by round. jaxgpt imports jax, flax
+    and porting; torch imports torch and the notebook's class (porting/torch_reference.py as a
+    lone module)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fields = {"variant": config.variant, "vocab_size": config.vocab_size, "context_length": config.context_length,
+              "model_dim": config.model_dim, "num_blocks": config.num_blocks, "num_heads": config.num_heads,
+              "dropout": config.dropout}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    runs = {"jaxgpt": [], "torch": []}
+    for r in range(rounds):
+        for side in (("jaxgpt", "torch") if r % 2 == 0 else ("torch", "jaxgpt")):
+            out = subprocess.run([sys.executable, "-c", _CHILD, side, os.path.abspath(path), str(torch_threads),
+                                  json.dumps(fields), root], env=env, capture_output=True, text=True, check=True,
+                                 timeout=300)
+            runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs
 
 
 def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
@@ -21,6 +78,7 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
     from flax import nnx
 
     import porting
+    from benchmarks.threads import probe_threads, torch_threads
     from porting.torch_reference import reference_from_config
 
     path, cfg = models.weights_path, models.config
@@ -41,15 +99,23 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
         return {"seconds": time.perf_counter() - begin}
 
-    measured = interleave({"jaxgpt load_weights": jax_case, "jaxgpt load_weights, first in the process": jax_first_case,
-                           "torch.load + load_state_dict": torch_case},
-                          suite.porting_reps, suite.warmup, progress)
+    # torch at the thread count a probe finds fastest for this very load, like every torch side of the suite
+    threads, probe = probe_threads({"load": (1, lambda: torch_case(True))}, suite.torch_threads)
+    with torch_threads(threads):
+        measured = interleave({"jaxgpt load_weights": jax_case, "jaxgpt load_weights, first in the process": jax_first_case,
+                               "torch.load + load_state_dict": torch_case},
+                              suite.porting_reps, suite.warmup, progress)
+    fresh = fresh_process_runs(path, cfg, suite.porting_reps, threads)
+    measured["jaxgpt load_weights, fresh process"] = Measured(fresh["jaxgpt"], [])
+    measured["torch.load + load_state_dict, fresh process"] = Measured(fresh["torch"], [])
     size = os.path.getsize(path)
     rows = []
     for impl, m in measured.items():
         row = make_result("port weights.pt", "jax" if impl.startswith("jaxgpt") else "torch", impl, 1, 0, m,
                           params=cfg.num_params(), file_bytes=size)
         row["chars_per_s"] = None  # not a character throughput
+        if row["framework"] == "torch":
+            row.update(threads=threads, thread_probe={str(n): v for n, v in probe.items()})
         rows.append(row)
     ratios = {"porting_vs_torch_load": {
         "what": f"loading a {cfg.num_params():,}-parameter weights.pt into a ready model: jaxgpt vs torch",
@@ -58,5 +124,11 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         "what": "the same, the first load of its configuration in the process (the abstract module traced)",
         **paired_ratio(measured["torch.load + load_state_dict"].runs,
                        measured["jaxgpt load_weights, first in the process"].runs),
+    }, "porting_fresh_process_vs_torch_load": {
+        "what": "the same, the first load in a fresh process, both sides' imports excluded",
+        **paired_ratio(fresh["torch"], fresh["jaxgpt"]),
+    }, "porting_fresh_process_with_imports_vs_torch_load": {
+        "what": "the same, the first load in a fresh process, both sides' imports included (jax, flax, porting; torch)",
+        **paired_ratio(fresh["torch"], fresh["jaxgpt"], "with_imports", "with_imports"),
     }}
     return rows, ratios
