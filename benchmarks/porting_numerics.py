@@ -4,9 +4,9 @@
 
 Variants of the projections' forward (the gradient is `ops`' own in all of them):
   shipped             `ops.project` as the model calls it: the query/key/value product summed
-                      in `model.QKV_PARTS` parts when it has >= `ops.SPLIT_MIN_ROWS` rows;
+                      in `model.QKV_PARTS` parts, except in a decode step (one position per row);
   one chain           every product in one float32 chain (as before);
-  qkv in 4, any rows  the shipped split at every row count (decode steps too);
+  qkv in 4, decode too  the shipped split in decode steps as well;
   all in 4 / 2 / <= 64  every projection split (4 parts, 2 parts, parts of at most 64 terms).
 Errors: logits (and the final norm) of each variant against the torch reference in float64 on
 `--batch` windows of data/shakespeare.txt, next to torch float32's own error. Speed: the model's
@@ -51,7 +51,7 @@ def variants(names=None) -> dict:
     every = {
         "shipped": ops.project,
         "one chain": make(lambda x, k, parts: one(x, k)),
-        "qkv in 4, any rows": make(lambda x, k, parts: ops.contract_in_parts(x, k, parts) if parts > 1 else one(x, k)),
+        "qkv in 4, decode too": make(lambda x, k, parts: ops.contract_in_parts(x, k, parts) if parts > 1 else one(x, k)),
         "all in 4": make(lambda x, k, parts: ops.contract_in_parts(x, k, 4)),
         "all in 2": make(lambda x, k, parts: ops.contract_in_parts(x, k, 2)),
         "all in <= 64": make(lambda x, k, parts: ops.contract_in_parts(x, k, -(-k.shape[0] // 64))),

@@ -28,22 +28,20 @@ import jax.numpy as jnp
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default
 
 
-SPLIT_MIN_ROWS = 128  # fewer rows: `project` ignores `parts` (see its docstring)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def project(x, kernel, parts: int = 1):
     """`x @ kernel` over the last axis: x `(..., I)`, kernel `(I, O)` -> `(..., O)`.
 
     With `parts` > 1 the forward sums `parts` products over consecutive slices of the
-    contraction (in order), when x has at least `SPLIT_MIN_ROWS` rows. XLA:CPU accumulates each
-    output in one float32 chain over all I terms, whose rounding error grows with I; shorter
-    chains are more accurate (torch's MKL accumulates in blocks too). Each part copies its slice
-    of the kernel, which a product of a few rows (a decode step) cannot amortise, so those
-    keep one chain. The gradient is the same either way.
+    contraction (in order), unless x holds one position per row (`x.shape[-2] == 1`: a decode
+    step). XLA:CPU accumulates each output in one float32 chain over all I terms, whose rounding
+    error grows with I; shorter chains are more accurate (torch's MKL accumulates in blocks
+    too). Each part copies its slice of the kernel, which a decode step's few rows cannot
+    amortise, so those keep one chain; the choice depends on the positions per row, not on the
+    batch, so a row's result does not change with the rows beside it. The gradient is the same
+    either way.
     """
-    rows = math.prod(x.shape[:-1])
-    if parts > 1 and rows >= SPLIT_MIN_ROWS:
+    if parts > 1 and x.ndim >= 2 and x.shape[-2] > 1:
         return contract_in_parts(x, kernel, parts)
     return jnp.einsum("...i,io->...o", x, kernel)
 

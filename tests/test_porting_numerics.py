@@ -28,13 +28,16 @@ def test_project_in_parts_is_closer_to_float64():
     assert np.abs(split - exact).mean() < 0.8 * np.abs(one - exact).mean()
 
 
-def test_project_keeps_one_chain_below_the_row_threshold_and_the_same_gradient():
-    x, kernel = _product(ops.SPLIT_MIN_ROWS - 1)
-    one = jax.jit(ops.project)(x, kernel)
-    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x, k: ops.project(x, k, 4))(x, kernel)), np.asarray(one))
-    x, kernel = _product(ops.SPLIT_MIN_ROWS)
-    g = np.random.default_rng(1).normal(size=(x.shape[0], kernel.shape[1])).astype(np.float32)
-    grads = [jax.jit(lambda x, k, p=p: jax.vjp(lambda a, b: ops.project(a, b, p), x, k)[1](g))(x, kernel) for p in (1, 4)]
+def test_project_keeps_one_chain_in_a_decode_step_and_the_same_gradient():
+    x, kernel = _product(8)
+    decode = x[:, None]  # (B, 1, I): one position per row
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x, k: ops.project(x, k, 4))(decode, kernel)),
+                                  np.asarray(jax.jit(ops.project)(decode, kernel)))
+    window = x.reshape(2, 4, -1)  # (B, T, I), T > 1: split
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x, k: ops.project(x, k, 4))(window, kernel)),
+                                  np.asarray(jax.jit(lambda x, k: ops.contract_in_parts(x, k, 4))(window, kernel)))
+    g = np.random.default_rng(1).normal(size=(2, 4, kernel.shape[1])).astype(np.float32)
+    grads = [jax.jit(lambda x, k, p=p: jax.vjp(lambda a, b: ops.project(a, b, p), x, k)[1](g))(window, kernel) for p in (1, 4)]
     for a, b in zip(*grads):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
