@@ -27,8 +27,9 @@ cache there: on CPU a cond costs a copy of its operands), then one mixed step (d
 slots with room, refill for the full ones, REFILL_GROUP windows per forward pass, so a step with
 few full slots does not re-encode all N windows), and so on, until `num_steps` steps
 or until every slot is idle: a batch whose rows have all finished spends no further steps.
-A full window is re-encoded C positions wide, or C // 2 + 1 wide when the row keeps no more
-(strided mode at its default stride or longer ones): the width depends on the row's own `keep`.
+A refill re-encodes C positions whatever the row's `keep` (its later positions are masked):
+encoding strided rows C // 2 + 1 wide in a second loop made every exact full-window step
+slower (benchmarks/results/engine_ab_cpu.md).
 
 Compilation, per model configuration / parameter dtype / devices: `prefill` once per prompt
 bucket (the prompt length minus one, rounded up to a power of two), `insert` twice per slot
@@ -344,7 +345,6 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps, until_finish) 
     c = model.config.context_length
     n, v = slots.length.shape[0], model.config.vocab_size
     group = min(n, REFILL_GROUP)
-    short_width = c // 2 + 1  # keep of strided mode's default stride C // 2
     top = min(MAX_TOP_LOGPROBS, v)
     out = Chunk(jnp.zeros((n, CHUNK), jnp.int32), jnp.zeros((n, CHUNK), bool), jnp.zeros((n, CHUNK)),
                 jnp.zeros((n, CHUNK, top), jnp.int32), jnp.zeros((n, CHUNK, top)))
@@ -363,18 +363,10 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps, until_finish) 
         window = jnp.take_along_axis(s.window, jnp.minimum(index, c - 1), axis=1)
         window = jnp.where(jnp.arange(c) == (s.keep - 1)[:, None], s.pending[:, None], window)
         window = jnp.where(jnp.arange(c) < s.keep[:, None], window, 0)  # (N, C)
-        # Short rows (keep <= `short`, strided mode's default and longer strides) are encoded
-        # `short` positions wide, the others C wide: a row's width depends on its own keep only.
-        short = full & (s.keep <= short_width)
-        order = jnp.argsort(jnp.where(short, 0, jnp.where(full, 1, 2)), stable=True)  # short, long, rest
+        order = jnp.argsort((~full).astype(jnp.int32), stable=True)  # full rows first
         order = jnp.concatenate([order, jnp.full((group,), n)])  # padding entries: row N, dropped
-        count_short = jnp.sum(short)
-        cache, logits = s.cache, jnp.zeros((n, v), jnp.float32)
-        if short_width < c:
-            cache, logits = _encode_groups(model, window[:, :short_width], s.keep, order, 0, count_short,
-                                           group, cache, logits)
-        cache, logits = _encode_groups(model, window, s.keep, order, count_short, jnp.sum(full), group,
-                                       cache, logits)
+        cache, logits = _encode_groups(model, window, s.keep, order, 0, jnp.sum(full), group, s.cache,
+                                       jnp.zeros((n, v), jnp.float32))
         s = s._replace(cache=cache, window=jnp.where(full[:, None], window, s.window),
                        length=jnp.where(full, s.keep, s.length))
         return s, logits
