@@ -218,6 +218,8 @@ def _for_platform(fn, donate_argnums=(), static_argnames=()):
     def flat(graphdef, tree, leaves, *args, **kwargs):
         return fn(graphdef, jax.tree.unflatten(tree.treedef, leaves), *args, **kwargs)
 
+    flat.__name__ = flat.__qualname__ = fn.__name__  # programs (and compilation-cache entries) keep fn's name
+
     @functools.wraps(fn)
     def run(graphdef, state, *args, **kwargs):
         tree, leaves = _flatten(state)
