@@ -69,20 +69,31 @@ RUNNING, LENGTH, STOP = 0, 1, 2  # `Slots.finish` codes
 COMPILER_OPTIONS = {"cpu": {"xla_cpu_copy_insertion_use_region_analysis": True}}
 
 
-class StaticGraph:
-    """A GraphDef as jit's static argument, hashed once (hashing walks the whole module graph)."""
+class Static:
+    """A value as jit's static argument, hashed once (GraphDefs and PyTreeDefs walk their whole
+    structure to hash, and jit hashes its static arguments on every call)."""
 
-    __slots__ = ("graphdef", "_hash")
+    __slots__ = ("value", "_hash")
 
-    def __init__(self, graphdef: nnx.GraphDef):
-        self.graphdef = graphdef
-        self._hash = hash(graphdef)
+    def __init__(self, value):
+        self.value = value
+        self._hash = hash(value)
 
     def __hash__(self) -> int:
         return self._hash
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, StaticGraph) and (self.graphdef is other.graphdef or self.graphdef == other.graphdef)
+        return type(other) is type(self) and (self.value is other.value or self.value == other.value)
+
+
+class StaticGraph(Static):
+    """A GraphDef as jit's static argument."""
+
+    __slots__ = ()
+
+    @property
+    def graphdef(self) -> nnx.GraphDef:
+        return self.value
 
 
 def _model(graphdef, state):
@@ -173,23 +184,7 @@ class Chunk(NamedTuple):
     top_logprobs: jax.Array
 
 
-class _Tree:
-    """A PyTreeDef as jit's static argument, hashed once."""
-
-    __slots__ = ("treedef", "_hash")
-
-    def __init__(self, treedef):
-        self.treedef = treedef
-        self._hash = hash(treedef)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Tree) and (self.treedef is other.treedef or self.treedef == other.treedef)
-
-
-_FLAT: collections.OrderedDict = collections.OrderedDict()  # id(state) -> (state, _Tree, leaves)
+_FLAT: collections.OrderedDict = collections.OrderedDict()  # id(state) -> (state, Static(treedef), leaves)
 
 
 def _flatten(state):
@@ -201,7 +196,7 @@ def _flatten(state):
     hit = _FLAT.get(id(state))
     if hit is None or hit[0] is not state:
         leaves, treedef = jax.tree.flatten(state)
-        hit = _FLAT[id(state)] = (state, _Tree(treedef), tuple(leaves))
+        hit = _FLAT[id(state)] = (state, Static(treedef), tuple(leaves))
         while len(_FLAT) > 8:
             _FLAT.popitem(last=False)
     return hit[1], hit[2]
@@ -216,7 +211,7 @@ def _for_platform(fn, donate_argnums=(), static_argnames=()):
     programs: dict[str, Callable] = {}
 
     def flat(graphdef, tree, leaves, *args, **kwargs):
-        return fn(graphdef, jax.tree.unflatten(tree.treedef, leaves), *args, **kwargs)
+        return fn(graphdef, jax.tree.unflatten(tree.value, leaves), *args, **kwargs)
 
     flat.__name__ = flat.__qualname__ = fn.__name__  # programs (and compilation-cache entries) keep fn's name
 
