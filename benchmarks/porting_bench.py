@@ -6,7 +6,7 @@ a torch user does to get the same model: `torch.load(path)` + `load_state_dict(s
 into the notebook's class (construction included, as jaxgpt's includes building the GPT).
 
 Three settings: repeat loads in this process; the first load of a configuration in this
-process (jaxgpt's abstract module traced again); and the first load in a fresh Python process
+process (jaxgpt's shape-only module built again); and the first load in a fresh Python process
 (`fresh_process_runs`: one child per side and round, the sides alternating), timed from after
 the imports (jax, flax and porting; torch and the notebook's class) and, separately, with
 them (the child's clock starts before its first import).
@@ -89,7 +89,7 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         jax.block_until_ready(nnx.state(model))
         return {"seconds": time.perf_counter() - begin}
 
-    def jax_first_case(warm: bool):  # the first load of a configuration in a process traces the module
+    def jax_first_case(warm: bool):  # the first load of a configuration in a process builds the shape-only module
         porting.load._abstract_model.cache_clear()
         return jax_case(warm)
 
@@ -121,7 +121,7 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         "what": f"loading a {cfg.num_params():,}-parameter weights.pt into a ready model: jaxgpt vs torch",
         **paired_ratio(measured["torch.load + load_state_dict"].runs, measured["jaxgpt load_weights"].runs),
     }, "porting_first_load_vs_torch_load": {
-        "what": "the same, the first load of its configuration in the process (the abstract module traced)",
+        "what": "the same, the first load of its configuration in the process (the shape-only module built)",
         **paired_ratio(measured["torch.load + load_state_dict"].runs,
                        measured["jaxgpt load_weights, first in the process"].runs),
     }, "porting_fresh_process_vs_torch_load": {

@@ -28,7 +28,37 @@ from flax import nnx
 from jaxgpt.config import GPTConfig
 from jaxgpt.ops import LAYER_NORM_EPS, causal_attention, layer_norm, project
 
-_init = nnx.initializers.normal(stddev=0.02)
+
+class ShapeOnly:
+    """An `nnx.Rngs` stand-in that builds a GPT's structure without its values.
+
+    `GPT(config, rngs=ShapeOnly())` holds a `jax.ShapeDtypeStruct` (shape, float32) in every
+    parameter, as `nnx.eval_shape` would give, but without tracing the constructor: nothing is
+    drawn or computed. `nnx.split` it and merge the graphdef with loaded values (`porting`).
+    """
+
+    def params(self) -> "ShapeOnly":
+        return self  # the "key" the initialisers below are given: they recognise it
+
+
+def _shape_aware(init):
+    """`init(key, shape, *dtype)`, except that `ShapeOnly`'s key gives the shape alone."""
+
+    def draw(key, shape, *dtype):
+        if isinstance(key, ShapeOnly):
+            return jax.ShapeDtypeStruct(shape, jnp.float32)
+        return init(key, shape, *dtype)
+
+    return draw
+
+
+def _constant(fill, shape, rngs) -> jax.Array | jax.ShapeDtypeStruct:
+    """`fill(shape)` (`jnp.ones` / `jnp.zeros`; no key is drawn), or the shape alone under `ShapeOnly`."""
+    return jax.ShapeDtypeStruct(shape, jnp.float32) if isinstance(rngs, ShapeOnly) else fill(shape)
+
+
+_normal = nnx.initializers.normal(stddev=0.02)
+_init = _shape_aware(_normal)
 # The query/key/value product in 4 float32 chains: its rounding, amplified by the attention
 # scores, is most of the logits' float32 error (benchmarks/results/parity_numerics.md).
 QKV_PARTS = 4
@@ -64,10 +94,10 @@ def _write_window(cache: LayerCache, new: LayerCache) -> LayerCache:
 class LayerNorm(nnx.Module):
     """torch's default LayerNorm (eps 1e-5, biased variance, affine)."""
 
-    def __init__(self, dim: int, *, eps: float = LAYER_NORM_EPS):
+    def __init__(self, dim: int, *, eps: float = LAYER_NORM_EPS, rngs: nnx.Rngs | ShapeOnly | None = None):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,)))  # torch's `weight`
-        self.bias = nnx.Param(jnp.zeros((dim,)))
+        self.scale = nnx.Param(_constant(jnp.ones, (dim,), rngs))  # torch's `weight`
+        self.bias = nnx.Param(_constant(jnp.zeros, (dim,), rngs))
 
     def __call__(self, x):  # (..., D) -> (..., D)
         return layer_norm(x, self.scale[...], self.bias[...], self.eps)
@@ -76,9 +106,9 @@ class LayerNorm(nnx.Module):
 class Linear(nnx.Module):
     """`x @ kernel + bias`, through `ops.project` (whose kernel gradient suits XLA:CPU)."""
 
-    def __init__(self, d_in: int, d_out: int, *, kernel_init, rngs: nnx.Rngs):
+    def __init__(self, d_in: int, d_out: int, *, kernel_init, rngs: nnx.Rngs | ShapeOnly):
         self.kernel = nnx.Param(kernel_init(rngs.params(), (d_in, d_out)))
-        self.bias = nnx.Param(jnp.zeros((d_out,)))
+        self.bias = nnx.Param(_constant(jnp.zeros, (d_out,), rngs))
 
     def __call__(self, x):  # (..., I) -> (..., O)
         return project(x, self.kernel[...]) + self.bias[...]
@@ -87,7 +117,7 @@ class Linear(nnx.Module):
 class Attention(nnx.Module):
     """Causal multi-head self-attention, all heads in one projection."""
 
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs | ShapeOnly):
         d, h, k = config.model_dim, config.num_heads, config.head_size
         self.num_heads, self.head_size = h, k
         # Fused query/key/value projection, no bias (the notebook's heads have none).
@@ -95,8 +125,9 @@ class Attention(nnx.Module):
         self.qkv = nnx.Param(_init(rngs.params(), (d, 3, h, k)))
         if config.variant == "drake":
             # `compute`: Linear(D, D) over the heads concatenated in order j = 0..H-1.
-            self.out_kernel = nnx.Param(_init(rngs.params(), (h, k, d)) / math.sqrt(2 * config.num_blocks))
-            self.out_bias = nnx.Param(jnp.zeros((d,)))
+            out_init = _shape_aware(lambda key, shape: _normal(key, shape) / math.sqrt(2 * config.num_blocks))
+            self.out_kernel = nnx.Param(out_init(rngs.params(), (h, k, d)))
+            self.out_bias = nnx.Param(_constant(jnp.zeros, (d,), rngs))
         else:  # "learning": the concatenated heads go straight to the residual stream
             self.out_kernel = None
             self.out_bias = None
@@ -180,10 +211,10 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """The notebook's `vanilla_nn`: Linear(D, 4D) -> ReLU -> Linear(4D, D)."""
 
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs | ShapeOnly):
         d, f = config.model_dim, config.hidden_dim
         self.up = Linear(d, f, kernel_init=_init, rngs=rngs)
-        down_init = nnx.initializers.normal(stddev=0.02 / math.sqrt(2 * config.num_blocks))
+        down_init = _shape_aware(nnx.initializers.normal(stddev=0.02 / math.sqrt(2 * config.num_blocks)))
         self.down = Linear(f, d, kernel_init=down_init, rngs=rngs)
 
     def __call__(self, x):  # (B, T, D) -> (B, T, D)
@@ -193,11 +224,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block with two residual branches."""
 
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs | ShapeOnly):
         d = config.model_dim
-        self.norm1 = LayerNorm(d)
+        self.norm1 = LayerNorm(d, rngs=rngs)
         self.attention = Attention(config, rngs=rngs)
-        self.norm2 = LayerNorm(d)
+        self.norm2 = LayerNorm(d, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
         # The "learning" notebook has no dropout on the attention branch.
         self.attention_dropout = (
@@ -229,14 +260,19 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     """Character-level GPT. `model(tokens)` maps int tokens `(B, T)` to logits `(B, T, V)`."""
 
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs | ShapeOnly | None = None):
+        """Args:
+          config: the hyper-parameters.
+          rngs: initialisation randomness (`params` stream; default `nnx.Rngs(0)`), or
+            `ShapeOnly()` for the structure alone (`jax.ShapeDtypeStruct` parameters).
+        """
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         d = config.model_dim
         self.token_embedding = nnx.Embed(config.vocab_size, d, embedding_init=_init, rngs=rngs)
         self.pos_embedding = nnx.Embed(config.context_length, d, embedding_init=_init, rngs=rngs)
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_blocks)])
-        self.final_norm = LayerNorm(d)
+        self.final_norm = LayerNorm(d, rngs=rngs)
         self.vocab_projection = Linear(d, config.vocab_size, kernel_init=_init, rngs=rngs)
 
     def __call__(self, tokens, *, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:

@@ -170,36 +170,18 @@ def read_checkpoint(path: str | os.PathLike, *, dropout: float = 0.2) -> Checkpo
     )
 
 
-class _OneKey:
-    """An `nnx.Rngs` stand-in for tracing a constructor: every stream (`.params()`, ...)
-    returns one key. Under `nnx.eval_shape` no draw is computed, so the values never matter,
-    and a real `Rngs` would trace a key fold and a counter update per parameter (about a
-    third of the trace)."""
-
-    def __init__(self, key):
-        self._key = key
-
-    def __getattr__(self, stream: str):
-        if stream.startswith("_"):
-            raise AttributeError(stream)
-        return lambda: self._key
-
-
 @functools.lru_cache(maxsize=8)
 def _abstract_model(config: GPTConfig):
-    """(graphdef, [(path, name, abstract variable)]) of an eval-mode GPT of `config`.
+    """(graphdef, [(path, name, abstract variable)]) of a GPT of `config` (eval mode).
 
-    Built with `nnx.eval_shape` (no random initialisation is computed) once per configuration:
-    tracing the constructor costs more than the rest of a load, and its result is immutable.
+    Built from `jaxgpt.model.ShapeOnly` parameters: nothing is initialised or traced. Kept per
+    configuration, as the result is immutable.
     """
-    import jax
     from flax import nnx
 
-    from jaxgpt.model import GPT
+    from jaxgpt.model import GPT, ShapeOnly
 
-    abstract = nnx.eval_shape(lambda: GPT(config, rngs=_OneKey(jax.random.key(0))))
-    abstract.eval()  # the mode is static structure: models merged from this graphdef are in eval mode
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(GPT(config, rngs=ShapeOnly()))
     leaves = [(path, ".".join(str(p) for p in path), variable) for path, variable in nnx.to_flat_state(state)]
     return graphdef, leaves
 
@@ -207,8 +189,8 @@ def _abstract_model(config: GPTConfig):
 def model_from_params(params: dict[str, np.ndarray], config: GPTConfig):
     """A `jaxgpt.GPT` in eval mode holding `params` (Flax path -> array of the right shape).
 
-    The module's structure is built abstractly (see `_abstract_model`) and the parameters
-    are put on the device in one transfer.
+    The module's structure is built without values (see `_abstract_model`) and the
+    parameters are put on the device in one transfer.
     """
     import jax
     from flax import nnx

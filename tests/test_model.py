@@ -256,3 +256,61 @@ def test_layer_norm_is_flax_s_forward_with_the_autodiff_gradients():
     # The input gradient of a normalisation is orthogonal to constant shifts of the input.
     d_x = np.asarray(vjp(d_out)[0])
     np.testing.assert_allclose(d_x.sum(-1), 0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- construction
+INIT_CONFIG = GPTConfig(vocab_size=11, context_length=8, model_dim=12, num_blocks=3, num_heads=3)  # sqrt(2 * 3) is inexact
+# SHA-256 (first 16 hex digits) of every parameter of GPT(config, rngs=...), by path, computed
+# on main before the constructors learned ShapeOnly (b4bb10e): initialisation must not move.
+INIT_DIGESTS = {
+    ("drake", "default"): "29c54c00bf255e93", ("drake", "Rngs(3)"): "a9c22d7c8c285415",
+    ("drake", "Rngs(params=5, dropout=1)"): "9bd4d79be8c0a318",
+    ("learning", "default"): "412c12d97ba3b9eb", ("learning", "Rngs(3)"): "b4b85f79f9c737f2",
+    ("learning", "Rngs(params=5, dropout=1)"): "da194bae5e02c148",
+}
+INIT_KEYS_DRAWN = {"drake": 15, "learning": 12}  # keys drawn from the params stream, as on main
+
+
+def _digest(model) -> str:
+    import hashlib
+
+    from porting import params_from_model
+
+    h = hashlib.sha256()
+    for path, value in sorted(params_from_model(model).items()):
+        h.update(path.encode())
+        h.update(str(value.shape).encode())
+        h.update(np.ascontiguousarray(value, np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("variant", ["drake", "learning"])
+def test_initialisation_is_unchanged(variant):
+    from jaxgpt.model import GPT
+
+    config = INIT_CONFIG.replace(variant=variant)
+    rngs = {"default": None, "Rngs(3)": nnx.Rngs(3), "Rngs(params=5, dropout=1)": nnx.Rngs(params=5, dropout=1)}
+    for name, r in rngs.items():
+        assert _digest(GPT(config, rngs=r)) == INIT_DIGESTS[variant, name], name
+    assert int(rngs["Rngs(3)"].params.count[...]) == INIT_KEYS_DRAWN[variant]
+    assert int(rngs["Rngs(params=5, dropout=1)"].dropout.count[...]) == 0
+
+
+@pytest.mark.parametrize("variant", ["drake", "learning"])
+def test_shape_only_construction_is_eval_shape_s_structure(variant):
+    """`GPT(config, rngs=ShapeOnly())` computes nothing and gives what `nnx.eval_shape` traces:
+    the same graphdef (static attributes, modes), paths, variable types, shapes and dtypes."""
+    from jaxgpt.model import GPT, ShapeOnly
+
+    config = INIT_CONFIG.replace(variant=variant)
+    graphdef, state = nnx.split(GPT(config, rngs=ShapeOnly()))
+    want_graphdef, want_state = nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
+    assert graphdef == want_graphdef
+
+    def described(s):
+        return [(path, type(v), v.get_metadata(), v.get_value()) for path, v in nnx.to_flat_state(s)]
+
+    got, want = described(state), described(want_state)
+    assert got == want  # ShapeDtypeStructs compare by shape, dtype and sharding
+    assert all(type(value) is jax.ShapeDtypeStruct for *_, value in got)
+    assert len(got) == len(keymap.layout(config, "flax"))
