@@ -5,22 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from flax import nnx
 
 import jaxgpt
-from jaxgpt.cli import main
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
-from porting import load_weights, save_flax
-
-CONFIG = GPTConfig(vocab_size=104, context_length=16, model_dim=24, num_blocks=2, num_heads=3)
+from porting import load_weights
+from tests.cli_helpers import run_cli, small_checkpoint
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli_beam") / "small.safetensors"
-    save_flax(GPT(CONFIG, rngs=nnx.Rngs(5)), path)
-    return str(path)
+    return small_checkpoint(tmp_path_factory, "cli_beam", seed=5)
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +22,7 @@ def no_user_cache(monkeypatch):
 
 
 def run(capsys, *args):
-    code = main(["generate", "-q", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "generate", "-q", *args)
 
 
 def test_prints_the_best_beam_and_json_has_them_all(capsys, weights):

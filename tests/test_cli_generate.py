@@ -19,15 +19,13 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.generate import generate, stream_text
 from jaxgpt.model import GPT
 from porting import load_weights, save_flax
+from tests.cli_helpers import run_cli, small_checkpoint
 
-CONFIG = GPTConfig(vocab_size=104, context_length=16, model_dim=24, num_blocks=2, num_heads=3)
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli") / "small.safetensors"
-    save_flax(GPT(CONFIG, rngs=nnx.Rngs(7)), path)
-    return str(path)
+    return small_checkpoint(tmp_path_factory, "cli", seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +55,7 @@ class Terminal(io.StringIO):
 
 
 def run(argv, capsys):
-    code = main(["generate", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "generate", *argv)
 
 
 def test_stdout_is_exactly_the_generated_characters(weights, model, capsys):

@@ -10,23 +10,17 @@ import re
 
 import numpy as np
 import pytest
-from flax import nnx
 
 import jaxgpt
-from jaxgpt.cli import main
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
-from porting import load_weights, save_flax
+from porting import load_weights
+from tests.cli_helpers import run_cli, small_checkpoint
 
-CONFIG = GPTConfig(vocab_size=104, context_length=16, model_dim=24, num_blocks=2, num_heads=3)
 TEXT = "ROMEO:\nBut soft! what light through yonder window breaks?"
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli_score") / "small.safetensors"
-    save_flax(GPT(CONFIG, rngs=nnx.Rngs(3)), path)
-    return str(path)
+    return small_checkpoint(tmp_path_factory, "cli_score", seed=3)
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +29,7 @@ def no_user_cache(monkeypatch):
 
 
 def run(capsys, *args):
-    code = main(["score", "-q", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "score", "-q", *args)
 
 
 def test_json_matches_the_api(capsys, weights, tmp_path):
