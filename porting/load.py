@@ -163,7 +163,7 @@ def read_checkpoint(path: str | os.PathLike, *, dropout: float = 0.2) -> Checkpo
     if scheme == keymap.TORCH:
         params = keymap.params_from_state_dict(state, config)
     else:
-        params = {k: np.array(v, dtype=np.float32) for k, v in state.items()}
+        params = dict(zip(state, keymap.aligned_copies(state.values())))
     return Checkpoint(
         path=path, format=fmt, scheme=scheme, config=config, params=params,
         dtypes=dict(Counter(str(v.dtype) for v in state.values())), num_tensors=len(state), file_size=_file_size(path),
@@ -187,7 +187,17 @@ def _abstract_model(config: GPTConfig):
 
 
 def model_from_params(params: dict[str, np.ndarray], config: GPTConfig):
-    """A `jaxgpt.GPT` in eval mode holding `params` (Flax path -> array of the right shape).
+    """A `jaxgpt.GPT` in eval mode holding a copy of `params` (Flax path -> array of the right shape).
+
+    The model never shares memory with `params` (XLA:CPU would adopt an aligned float32
+    array as its buffer, so a later write to it would change the model).
+    """
+    return _model(params, config, copy=True)
+
+
+def _model(params: dict[str, np.ndarray], config: GPTConfig, *, copy: bool):
+    """`model_from_params`; with `copy=False`, `params` must be arrays that no one else holds
+    or writes (the reader's own, from `keymap.aligned_arrays`): XLA:CPU adopts them as they are.
 
     The module's structure is built without values (see `_abstract_model`) and the
     parameters are put on the device in one transfer.
@@ -201,7 +211,8 @@ def model_from_params(params: dict[str, np.ndarray], config: GPTConfig):
         value = params[name]
         if tuple(value.shape) != tuple(variable.shape):  # guards the keymap against model changes
             raise ValueError(f"parameter {name}: expected shape {variable.shape}, got {value.shape}")
-        values.append(np.asarray(value, dtype=np.float32))
+        values.append(value)
+    values = keymap.aligned_copies(values) if copy else [np.asarray(v, dtype=np.float32) for v in values]
     arrays = jax.device_put(values)
     state = nnx.from_flat_state([(path, variable.replace(array)) for (path, _, variable), array in zip(leaves, arrays)])
     return nnx.merge(graphdef, state)
@@ -235,4 +246,4 @@ def load_weights(path: str | os.PathLike, *, dropout: float = 0.2):
         values; the message names the file and every problem.
     """
     checkpoint = read_checkpoint(path, dropout=dropout)
-    return model_from_params(checkpoint.params, checkpoint.config)
+    return _model(checkpoint.params, checkpoint.config, copy=False)  # the reader's own new arrays

@@ -114,6 +114,31 @@ def test_keymap_table_matches_both_models(variant):
     assert sum(np.prod(s) for s in torch_layout.values()) == config.num_params()
 
 
+def test_aligned_arrays_are_aligned_and_disjoint():
+    shapes = [(3,), (5, 7), (1,), (2, 3, 4), (0, 4), (16,)]
+    arrays = keymap.aligned_arrays(shapes)
+    assert [a.shape for a in arrays] == shapes and all(a.dtype == np.float32 for a in arrays)
+    assert all(a.ctypes.data % keymap.ALIGNMENT == 0 and a.flags.c_contiguous for a in arrays if a.size)
+    for n, a in enumerate(arrays):
+        a[...] = n
+    assert all((a == n).all() for n, a in enumerate(arrays))
+
+
+def test_model_from_params_copies_what_it_is_given():
+    """XLA:CPU adopts an aligned float32 host array as its buffer: a caller's later write to
+    its own arrays must not reach the model."""
+    config = GPTConfig(**SMALL)
+    shapes = keymap.layout(config, "flax")
+    params = dict(zip(shapes, keymap.aligned_arrays(list(shapes.values()))))  # adoptable as they are
+    for n, value in enumerate(params.values()):
+        value[...] = n
+    model = porting.model_from_params(params, config)
+    for value in params.values():
+        value[...] = -1.0
+    got = porting.params_from_model(model)
+    assert all((got[name] == n).all() for n, name in enumerate(params))
+
+
 def test_fused_kernels_hold_each_head_where_the_docs_say():
     """qkv[:, c, j, :] is head j's query/key/value weight transposed; out_kernel is compute.weight.T split by head."""
     config = GPTConfig(vocab_size=3, context_length=4, model_dim=6, num_blocks=1, num_heads=2)
