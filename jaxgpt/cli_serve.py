@@ -11,6 +11,7 @@ for a few seconds, ends the rest with an error event, and exits 0.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -84,6 +85,11 @@ def serve_command(weights, vocab, host, port, max_batch, max_queue, max_tokens, 
                          api_key=api_key, devices=devices, model_name=model_name, chunk=chunk)
     except EngineUnavailable as e:
         raise CLIError(str(e)) from None
+    # Start-up leaves a great many long-lived objects (modules, the model, compiled programs); a
+    # full collection walks them all, stalling every request for as long (see the Serving results).
+    # Frozen, the collector never scans them again; it still collects what requests allocate.
+    gc.collect()
+    gc.freeze()
 
     def ready(url: str) -> None:
         if not quiet:

@@ -39,3 +39,30 @@ def test_a_taken_port_is_one_line(capsys):
     assert code == 1 and out == ""
     assert err.startswith(f"jaxgpt: error: cannot listen on 127.0.0.1:{port}: ") and err.count("\n") == 1
 
+
+
+def test_serve_freezes_the_start_up_objects_out_of_the_collector(tmp_path, capsys, monkeypatch):
+    """A full collection would walk every start-up object and stall all requests meanwhile."""
+    import gc
+
+    from porting import save_flax
+    from jaxgpt.serving import server
+    from tests.serve_helpers import small_model
+
+    weights = tmp_path / "small.safetensors"
+    save_flax(small_model(), weights)
+    frozen = []
+
+    class Recorder:  # instead of uvicorn (whose logging set-up would replace pytest's): what run() would see
+        def __init__(self, app, sock, **kwargs):
+            sock.close()
+
+        def run(self):
+            frozen.append(gc.get_freeze_count())
+
+    monkeypatch.setattr(server, "Server", Recorder)
+    try:
+        code, _, _ = run(["--weights", str(weights), "--port", "0", "--max-batch", "2", "-q"], capsys)
+    finally:
+        gc.unfreeze()
+    assert code == 0 and frozen and frozen[0] > 10_000
