@@ -154,9 +154,11 @@ def markdown(doc: dict) -> str:
             a = p[key]
             div = "never diverged" if a["first_divergence"] is None else f"first divergence at {a['first_divergence']}"
             lines.append(f"- {label}: {100 * a['agreement']:.2f}% of {a['tokens']} agree ({div})")
+    shown = []  # the training rows of one run share one agreement check: print it once
     for r in doc["results"]:
         a = r.get("agreement")
-        if isinstance(a, dict) and "grad_max_abs_diff" in a:
+        if isinstance(a, dict) and "grad_max_abs_diff" in a and a not in shown:
+            shown.append(a)
             lines.append(f"- training step from identical weights, dropout off (batch {a.get('batch')}): loss |difference| "
                          f"{a['loss_abs_diff']:.1e}, gradients max |difference| {a['grad_max_abs_diff']:.1e} "
                          f"({'within' if a.get('ok') else 'OUTSIDE'} {a.get('grad_tolerance')}), weights after one "
