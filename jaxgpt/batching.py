@@ -207,16 +207,6 @@ class Batcher:
         self._busy[slot] = _Row(tag, tuple(tuple(s) for s in _stop_ids(stops, lengths)), int(top_n))
         return slot
 
-    def insert_pending(self) -> None:
-        """Prefills and inserts the requests added since the last step now, not at the next `step`.
-
-        A caller can then add requests that arrived meanwhile before that step, so that they
-        take it together (the server does, for bursts). Never changes any row's output: each
-        prompt is still prefilled alone.
-        """
-        if self._pending:
-            self._insert_pending()
-
     def _insert_pending(self) -> None:
         """Prefills each new prompt once, alone, and inserts its requests into their slots."""
         if self._state is None:  # lent to the Sampler while idle: take it back

@@ -234,41 +234,6 @@ def test_chunks_start_at_one_step_when_requests_join_and_double_back(client, mod
     assert answer["choices"][0]["text"] == offline(model, short, 8)[0].text
 
 
-def test_requests_arriving_during_a_prefill_join_the_same_first_step(client, model, served, monkeypatch):
-    """A burst takes one first step: rows queued while others are prefilled are admitted before it."""
-    scheduler = served[1].state.scheduler
-    batcher = scheduler.batcher
-    wait_until(lambda: health(client)["slots"]["busy"] == 0)
-    prefilling = threading.Event()
-    real_insert, real_step = batcher.insert_pending, batcher.step
-
-    def slow_insert():  # the first prefill lasts until the second request is queued
-        if not prefilling.is_set():
-            prefilling.set()
-            wait_until(lambda: scheduler.queued >= 1)
-        real_insert()
-
-    steps = []  # per Batcher.step: the seeds of the rows that got characters
-
-    def step(k=None):
-        events = real_step(k)
-        steps.append(sorted({e.tag.job.plan.seed for e in events if e.text}))
-        return events
-
-    monkeypatch.setattr(batcher, "insert_pending", slow_insert)
-    monkeypatch.setattr(batcher, "step", step)
-    bodies = [{"prompt": "first", "max_tokens": 12, "seed": 31}, {"prompt": "then", "max_tokens": 12, "seed": 32}]
-    answers = {}
-    first = threading.Thread(target=lambda: answers.__setitem__(31, client.post("/v1/completions", json=bodies[0])))
-    first.start()
-    assert prefilling.wait(10)
-    answers[32] = client.post("/v1/completions", json=bodies[1])
-    first.join()
-    assert steps[0] == [31, 32]  # one first step for both, not one per arrival
-    for body in bodies:
-        assert answers[body["seed"]].json()["choices"][0]["text"] == offline(model, body, body["seed"])[0].text
-
-
 def test_a_disconnected_stream_frees_its_slot_within_one_chunk(client, served, monkeypatch):
     scheduler = served[1].state.scheduler
     seen = {}  # Scheduler.steps when the server learnt of the disconnect, and when the engine freed the slot

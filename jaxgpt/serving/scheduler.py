@@ -14,8 +14,6 @@ own, only this scheduler:
                                           loop:
     client gone -> cancel(job)         ->   free the slots of cancelled jobs (Batcher.cancel)
                                             while a slot is free: Batcher.add(next pending row)
-                                            Batcher.insert_pending()    # prefill + insert them now
-                                            (again while rows arrived during those prefills)
                                             events = Batcher.step(k)     # one chunk, all slots
     job.queue (asyncio) <- Event       <-   dispatch each Event to its row's job
                                             (loop.call_soon_threadsafe)
@@ -28,10 +26,7 @@ own, only this scheduler:
   when it arrives, its prefill and insert, and its own first chunk (tokens reach the host when
   a chunk ends). So k is `first_chunk` (1) right after rows join, then doubles up to `chunk`
   (`DEFAULT_CHUNK`): a burst's first rows stream at once and the rest of it joins within a
-  short chunk; k is traced, so it never recompiles nor changes a row's bits. Rows that arrive
-  while new rows are being prefilled are admitted before the chunk too, so a burst takes one
-  first step (its last row's first character waits for every prefill of the burst, not for
-  a chunk per wave of arrivals).
+  short chunk; k is traced, so it never recompiles nor changes a row's bits.
 - Row i of a request is added with the random stream (seed, i): since a row's output depends
   only on its prompt, options, stream and the slot count (every compiled piece has the same
   shape whatever the others do), its answer equals row i of `complete(..., seed=seed,
@@ -265,27 +260,10 @@ class Scheduler:
                 self.metrics.inc("engine_seconds_total", time.perf_counter() - started)
 
     def _admit_rows(self) -> None:
-        """Adds waiting rows to free slots and prefills them now, again while more arrived meanwhile.
-
-        A burst's requests arrive over tens of milliseconds and each prompt's prefill takes a few:
-        admitting the newcomers before the next chunk, rather than after it, gives the whole burst
-        one first step instead of one per wave (at most `slots` prefills delay a chunk, as before).
-        """
-        while self._add_waiting():
-            try:
-                self.batcher.insert_pending()
-            except Exception as e:  # noqa: BLE001 - as a failed step: the rows in a slot end, the queue goes on
-                log.exception("prefilling new rows failed; ending the %d requests in the engine", len(self._running))
-                self._rebuild(Failure(500, f"internal error while starting the request: {type(e).__name__}: {e}"))
-                return
-
-    def _add_waiting(self) -> int:
-        """Adds waiting rows to free slots (`Batcher.add`, prefilled later); returns how many."""
-        added = 0
         while self.batcher.free_slots() > 0:
             with self._cond:
                 if not self._pending:
-                    return added
+                    return
                 row = self._pending.popleft()
             job = row.job
             if job.closed:
@@ -299,12 +277,10 @@ class Scheduler:
                 continue
             self._running[row.slot] = row
             self._fresh = True
-            added += 1
             if job.admitted is None:
                 job.admitted = time.perf_counter()
                 if self.metrics:
                     self.metrics.observe("queue_seconds", job.admitted - job.arrived)
-        return added
 
     def chunk_steps(self) -> int:
         """Steps of the next chunk: `first_chunk` right after rows joined, else twice the last, up to `chunk`.
