@@ -31,7 +31,7 @@ if side == "jaxgpt":
     import jax
     from flax import nnx
     import porting
-    imported = time.perf_counter()
+    imported, imported_cpu = time.perf_counter(), time.process_time()
     model = porting.load_weights(path)
     jax.block_until_ready(nnx.state(model))
 else:
@@ -42,17 +42,18 @@ else:
     spec = importlib.util.spec_from_file_location("torch_reference", os.path.join(sys.argv[5], "porting", "torch_reference.py"))
     reference = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reference)
-    imported = time.perf_counter()
+    imported, imported_cpu = time.perf_counter(), time.process_time()
     model = reference.make_reference(**config)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-done = time.perf_counter()
-print(json.dumps({"seconds": done - imported, "with_imports": done - begin}))
+done, done_cpu = time.perf_counter(), time.process_time()
+print(json.dumps({"seconds": done - imported, "with_imports": done - begin, "cpu_seconds": done_cpu - imported_cpu}))
 """
 
 
 def fresh_process_runs(path: str, config, rounds: int, torch_threads: int) -> dict[str, list[dict[str, float]]]:
     """Side ("jaxgpt", "torch") -> per round {"seconds": the first load in a fresh process,
-    imports excluded, "with_imports": from the child's first import to the ready model}; one
+    imports excluded, "with_imports": from the child's first import to the ready model,
+    "cpu_seconds": the process's CPU time (all threads) of "seconds"}; one
     child per side and round, the first side alternating by round. jaxgpt imports jax, flax
     and porting; torch imports torch and the notebook's class (porting/torch_reference.py as a
     lone module)."""
@@ -127,6 +128,9 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
     }, "porting_fresh_process_vs_torch_load": {
         "what": "the same, the first load in a fresh process, both sides' imports excluded",
         **paired_ratio(fresh["torch"], fresh["jaxgpt"]),
+    }, "porting_fresh_process_cpu_vs_torch_load": {
+        "what": "the same, its CPU time (all threads; less moved by other jobs than the wall time)",
+        **paired_ratio(fresh["torch"], fresh["jaxgpt"], "cpu_seconds", "cpu_seconds"),
     }, "porting_fresh_process_with_imports_vs_torch_load": {
         "what": "the same, the first load in a fresh process, both sides' imports included (jax, flax, porting; torch)",
         **paired_ratio(fresh["torch"], fresh["jaxgpt"], "with_imports", "with_imports"),

@@ -74,7 +74,7 @@ class SuiteConfig:
     greedy_tokens: int = 1000
     sampled_tokens: int = 1000
     sampled_rows: int = 2
-    porting_reps: int = 10
+    porting_reps: int = 20
     compile_reps: int = 3
     beam_beams: int = 4
     beam_steps: int = 200
