@@ -35,10 +35,10 @@ import mmap
 import os
 import re
 import struct
-import zlib
 
 import ml_dtypes
 import numpy as np
+from zlib_ng.zlib_ng import crc32  # zlib's CRC-32 (the zip format's), computed with SIMD instructions
 
 from porting import restricted_pickle as rp
 from porting.errors import CheckpointError, brief, cut
@@ -229,7 +229,7 @@ class _Archive:
         if end > len(self.buffer):
             raise CheckpointError(self.path, f"corrupt or truncated zip record {shown} (it ends at byte {end:,} of {len(self.buffer):,})")
         data = self.buffer[begin:end]
-        if zlib.crc32(data) != entry.crc:
+        if crc32(data) != entry.crc:
             raise CheckpointError(self.path, f"corrupt or truncated zip record {shown} (CRC-32 mismatch)")
         return data
 
