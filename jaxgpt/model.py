@@ -14,6 +14,7 @@ Entry points, one return type each:
 
 A freshly built GPT is in eval mode (dropout off, deterministic). `model.train()` turns dropout
 on; a training call must then pass `rngs=`. `model.eval()` turns it off again.
+`GPT(config, rngs=ShapeOnly())` is the structure alone, without values (what loaders fill in).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def _constant(fill, shape, rngs) -> jax.Array | jax.ShapeDtypeStruct:
 
 _normal = nnx.initializers.normal(stddev=0.02)
 _init = _shape_aware(_normal)
+
 # The query/key/value product in 4 float32 chains: its rounding, amplified by the attention
 # scores, is most of the logits' float32 error (benchmarks/results/parity_numerics.md).
 QKV_PARTS = 4
