@@ -122,7 +122,8 @@ def _notes(suite, torch_threads, load_start, load_end, rows, host_memory_reuse: 
         "Within a group every case runs once per round, in an order rotated each round, so background load falls "
         "on all sides alike; per-round ratios (min-max) show how stable each ratio is.",
         f"torch intra-op threads: {torch_threads} by default; every torch implementation (the notebook's too) "
-        "runs at the thread count a short probe finds fastest for it on this machine (figures below; the "
+        "runs at the thread count a short probe finds fastest for it on this machine (median of 3 timed runs per "
+        "count; figures below; the "
         "thread count is in each row's name or 'threads'); the tuned forward runs at every count. jaxgpt runs "
         "at XLA's defaults (its CPU thread pool is not tuned).",
         f"Machine load average (1 min) at start {load_start:.2f}, at end {load_end:.2f}: other processes were "

@@ -15,6 +15,7 @@ framework out and says so.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import numpy as np
@@ -132,11 +133,11 @@ def loop_case(model: OrtModel, batch: int, steps: int, marks: tuple[int, ...], t
     return case
 
 
-def probe(model: OrtModel, batch: int, steps: int, context_length: int, rounds: int = 2) -> tuple[list[int], dict]:
+def probe(model: OrtModel, batch: int, steps: int, context_length: int, rounds: int = 3) -> tuple[list[int], dict]:
     """Thread counts worth measuring for the ORT loop: within 2x of the best score.
 
     A count's score is the cost of a representative run, min(steps, C) forwards of C/2 tokens
-    and max(steps - C, 0) of C tokens (best of `rounds` after a warm-up), as the torch probe.
+    and max(steps - C, 0) of C tokens (the median of `rounds` after a warm-up), as the torch probe.
 
     Returns:
       (counts, fastest first; {count: {"window_s", "half_window_s", "score_s"}}).
@@ -146,15 +147,15 @@ def probe(model: OrtModel, batch: int, steps: int, context_length: int, rounds: 
     tokens = np.zeros((batch, c), np.int64)
     figures = {}
     for n in model.threads:
-        best = {}
+        figure = {}
         for label, t in (("window", c), ("half_window", c // 2)):
             times = []
             for _ in range(rounds + 1):
                 begin = time.perf_counter()
                 model.logits(tokens[:, :t], n)
                 times.append(time.perf_counter() - begin)
-            best[f"{label}_s"] = min(times[1:])
-        best["score_s"] = full * best["window_s"] + grow * best["half_window_s"]
-        figures[n] = best
+            figure[f"{label}_s"] = statistics.median(times[1:])
+        figure["score_s"] = full * figure["window_s"] + grow * figure["half_window_s"]
+        figures[n] = figure
     ranked = sorted(figures, key=lambda n: figures[n]["score_s"])
     return [n for n in ranked if figures[n]["score_s"] <= 2 * figures[ranked[0]]["score_s"]], figures

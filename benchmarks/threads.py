@@ -10,6 +10,7 @@ a thread count chosen for it.
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from typing import Callable, Mapping
 
@@ -30,14 +31,16 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def probe_threads(work: Mapping[str, tuple[float, Callable[[], object]]], candidates, rounds: int = 2,
+def probe_threads(work: Mapping[str, tuple[float, Callable[[], object]]], candidates, rounds: int = 3,
                   grad: bool = False) -> tuple[int, dict]:
     """Times each unit of `work` at torch's default thread count and at each candidate.
 
     Args:
       work: label -> (weight, fn): `fn()` runs one unit (synchronously); a count's score is
-        sum(weight * best time of fn) over the labels, i.e. the cost of a representative run.
-        Units of weight 0 are not run.
+        sum(weight * median time of fn) over the labels, i.e. the cost of a representative run.
+        The median, not the best: on a shared machine a count whose threads wait for a busy
+        core is fast only when the other processes pause, and the best time would pick it for
+        measured rounds that then run at its usual, slow speed. Units of weight 0 are not run.
       candidates: thread counts to try besides the default.
       rounds: timed rounds after one warm-up round; counts are interleaved within a round. A
         count over 3x slower than the best after the first timed round is not timed again
@@ -45,15 +48,17 @@ def probe_threads(work: Mapping[str, tuple[float, Callable[[], object]]], candid
       grad: run the units with autograd on (for training steps); default inference mode.
 
     Returns:
-      (fastest thread count, {count: {label + "_s": best seconds, ..., "score_s": score}}).
+      (fastest thread count, {count: {label + "_s": median seconds, ..., "score_s": score}}).
+      A count dropped after the first timed round has the median of the rounds it ran.
     """
     import torch
 
     work = {label: unit for label, unit in work.items() if unit[0] > 0}
     default = torch.get_num_threads()
     counts = [default] + [n for n in candidates if n != default]
-    best = {n: {label: float("inf") for label in work} for n in counts}
-    score = lambda n: sum(weight * best[n][label] for label, (weight, _) in work.items())
+    times = {n: {label: [] for label in work} for n in counts}
+    median = lambda n, label: statistics.median(times[n][label])  # noqa: E731
+    score = lambda n: sum(weight * median(n, label) for label, (weight, _) in work.items())  # noqa: E731
     active = list(counts)
     with contextlib.nullcontext() if grad else torch.inference_mode():
         for r in range(rounds + 1):
@@ -63,12 +68,12 @@ def probe_threads(work: Mapping[str, tuple[float, Callable[[], object]]], candid
                         begin = time.perf_counter()
                         fn()
                         if r:  # round 0 warms up
-                            best[n][label] = min(best[n][label], time.perf_counter() - begin)
+                            times[n][label].append(time.perf_counter() - begin)
             if r == 1:
                 fastest = min(score(n) for n in active)
                 active = [n for n in active if score(n) <= 3 * fastest]
     figures = {}
     for n in counts:
-        figures[n] = {f"{label}_s": t for label, t in best[n].items()}
+        figures[n] = {f"{label}_s": median(n, label) for label in work}
         figures[n]["score_s"] = score(n)
     return min(counts, key=lambda n: figures[n]["score_s"]), figures
