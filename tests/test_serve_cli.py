@@ -41,16 +41,15 @@ def test_a_taken_port_is_one_line(capsys):
 
 
 
-def test_serve_freezes_the_start_up_objects_out_of_the_collector(tmp_path, capsys, monkeypatch):
+def test_serve_freezes_the_start_up_objects_out_of_the_collector(tmp_path_factory, capsys, monkeypatch):
     """A full collection would walk every start-up object and stall all requests meanwhile."""
     import gc
+    import logging
 
-    from porting import save_flax
     from jaxgpt.serving import server
-    from tests.serve_helpers import small_model
+    from tests.cli_helpers import small_checkpoint
 
-    weights = tmp_path / "small.safetensors"
-    save_flax(small_model(), weights)
+    weights = small_checkpoint(tmp_path_factory, "serve", 5)
     frozen = []
 
     class Recorder:  # instead of uvicorn (whose logging set-up would replace pytest's): what run() would see
@@ -61,8 +60,11 @@ def test_serve_freezes_the_start_up_objects_out_of_the_collector(tmp_path, capsy
             frozen.append(gc.get_freeze_count())
 
     monkeypatch.setattr(server, "Server", Recorder)
+    log = logging.getLogger("jaxgpt.serve")
+    monkeypatch.setattr(log, "handlers", [])  # the command's handler (on the captured stderr) goes afterwards
+    monkeypatch.setattr(log, "propagate", True)
     try:
-        code, _, _ = run(["--weights", str(weights), "--port", "0", "--max-batch", "2", "-q"], capsys)
+        code, _, _ = run(["--weights", weights, "--port", "0", "--max-batch", "2", "-q"], capsys)
     finally:
         gc.unfreeze()
     assert code == 0 and frozen and frozen[0] > 10_000
