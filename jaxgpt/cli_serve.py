@@ -101,7 +101,10 @@ def serve_command(weights, vocab, host, port, max_batch, max_queue, max_tokens, 
     handler.setFormatter(logging.Formatter("jaxgpt: %(levelname)s: %(message)s"))
     log.addHandler(handler)
     log.propagate = False
-    Server(app, sock, on_ready=ready, log_level="warning" if not quiet else "error").run()
+    try:
+        Server(app, sock, on_ready=ready, log_level="warning" if not quiet else "error").run()
+    finally:  # a second run in this process adds its own handler: no line printed twice
+        log.removeHandler(handler)
     if not quiet:
         print("jaxgpt: stopped", file=sys.stderr)
 
