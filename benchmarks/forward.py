@@ -55,7 +55,8 @@ def _ort_case(ort_model, tokens_np, threads, calls=1):
     return case
 
 
-def _jax_case(model, tokens_np, calls=1):
+def _jax_cases(model, tokens_np, calls):
+    """The jaxgpt case of one call and that of `calls` calls back to back, of one compiled forward."""
     import jax
     from flax import nnx
 
@@ -66,13 +67,16 @@ def _jax_case(model, tokens_np, calls=1):
         tokens=int(np.prod(tokens_np.shape))))
     tokens = jax.device_put(tokens_np)
 
-    def case(warm: bool):
-        begin = time.perf_counter()
-        for _ in range(calls):
-            forward(state, tokens).block_until_ready()
-        return {"seconds": (time.perf_counter() - begin) / calls}
+    def timed(n):
+        def case(warm: bool):
+            begin = time.perf_counter()
+            for _ in range(n):
+                forward(state, tokens).block_until_ready()
+            return {"seconds": (time.perf_counter() - begin) / n}
 
-    return case
+        return case
+
+    return timed(1), timed(calls)
 
 
 def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
@@ -98,8 +102,8 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         nb_threads, nb_probe = probe_threads({"forward": (1, lambda: models.reference(tokens).cpu())},
                                              suite.torch_threads)
         nb_name = f"notebook model, {plural(nb_threads)}"
-        cases = {nb_name: _torch_case(models.reference, tokens, torch.no_grad, nb_threads),
-                 "jaxgpt": _jax_case(models.jax, tokens_np)}
+        jax_single, jax_back_to_back = _jax_cases(models.jax, tokens_np, BACK_TO_BACK)
+        cases = {nb_name: _torch_case(models.reference, tokens, torch.no_grad, nb_threads), "jaxgpt": jax_single}
         for n in dict.fromkeys([torch.get_num_threads(), *suite.torch_threads]):
             cases[f"torch tuned eager, {plural(n)}"] = _torch_case(models.tuned, tokens, torch.inference_mode, n)
         if compiled_forward is not None:
@@ -109,7 +113,7 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
             for n in models.ort.threads:
                 cases[f"onnxruntime, {plural(n)}"] = _ort_case(models.ort, tokens_np, n)
                 cases[f"{BACK}onnxruntime, {plural(n)}"] = _ort_case(models.ort, tokens_np, n, BACK_TO_BACK)
-            cases[f"{BACK}jaxgpt"] = _jax_case(models.jax, tokens_np, BACK_TO_BACK)
+            cases[f"{BACK}jaxgpt"] = jax_back_to_back
         probes = {nb_name: nb_probe}
         measured = interleave(cases, suite.reps, suite.warmup, progress)
         flops = roofline.flops_forward(cfg, batch, length)
