@@ -40,6 +40,8 @@ def _parse(argv):
                    "checkpoint if installed, else seeded random weights of the published config)")
     p.add_argument("--only", metavar="GROUPS", help=f"comma-separated subset of {','.join(GROUPS)}")
     p.add_argument("--reps", type=int, help="override the number of measured rounds")
+    p.add_argument("--lead-in", type=float, metavar="S", help="seconds each short generation and forward case runs "
+                   "untimed right before its timed run (default 0.2; 0: time calls that follow an idle pause)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # toy model, for the tests
     args = p.parse_args(argv)
     for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
@@ -56,6 +58,8 @@ def _parse(argv):
         p.error(f"--weights {args.weights}: no such file")
     if args.reps is not None and args.reps < 1:
         p.error("--reps must be >= 1")
+    if args.lead_in is not None and not 0 <= args.lead_in <= 10:
+        p.error(f"--lead-in {args.lead_in:g}: give seconds between 0 and 10")
     return p, args
 
 
@@ -68,6 +72,8 @@ def _suite(args, parser):
         changes["groups"] = tuple(g.strip() for g in args.only.split(",") if g.strip())
     if args.reps:
         changes["reps"] = args.reps
+    if args.lead_in is not None:
+        changes["lead_in_s"] = args.lead_in
     try:
         return suite.replace(**changes)
     except ValueError as e:
@@ -114,6 +120,8 @@ def _flops_summary(config) -> dict:
 
 def _notes(suite, torch_threads, load_start, load_end, rows, host_memory_reuse: bool = False,
            ratios: dict | None = None) -> list[str]:
+    from benchmarks import harness
+
     compiled = [r for r in rows if "compiled" in r.get("impl", "") and "first_run_s" in r]
     notes = [
         f"{suite.reps} measured rounds per group after {suite.warmup} warm-up round(s), which are excluded: they pay "
@@ -121,6 +129,13 @@ def _notes(suite, torch_threads, load_start, load_end, rows, host_memory_reuse: 
         "up to the first window step).",
         "Within a group every case runs once per round, in an order rotated each round, so background load falls "
         "on all sides alike; per-round ratios (min-max) show how stable each ratio is.",
+        "Before each run the harness waits until the process's threads are idle (ONNX Runtime's keep spinning "
+        "after a call), so that no case shares the cores with the previous case's threads."
+        + (f" In the generation and forward groups every case shorter than {harness.LEAD_IN_MAX_CASE_S:g} s then "
+           f"runs untimed for {suite.lead_in_s:g} s right before its timed run: on this VM a core left idle for a "
+           "fraction of a second runs the next few tens of milliseconds of work slower, which would otherwise "
+           "bill short cases for the pause before them (ONNX Runtime's spinning threads hide it from themselves)."
+           if suite.lead_in_s > 0 else " Short cases are timed right after that pause (no lead-in)."),
         f"torch intra-op threads: {torch_threads} by default; every torch implementation (the notebook's too) "
         "runs at the thread count a short probe finds fastest for it on this machine (median of 3 timed runs per "
         "count; figures below; the "

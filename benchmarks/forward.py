@@ -115,7 +115,7 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
                 cases[f"{BACK}onnxruntime, {plural(n)}"] = _ort_case(models.ort, tokens_np, n, BACK_TO_BACK)
             cases[f"{BACK}jaxgpt"] = jax_back_to_back
         probes = {nb_name: nb_probe}
-        measured = interleave(cases, suite.reps, suite.warmup, progress)
+        measured = interleave(cases, suite.reps, suite.warmup, progress, lead_in_s=suite.lead_in_s)
         flops = roofline.flops_forward(cfg, batch, length)
         for impl, m in measured.items():
             side = impl.removeprefix(BACK)

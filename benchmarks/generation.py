@@ -196,7 +196,8 @@ class _Group:
         self.cases, self.measured, self.tuned_probe, self.nb_probe, self.ort_probe = {}, {}, {}, {}, {}
 
     def run(self, progress):
-        self.measured = interleave(self.cases, self.suite.reps, self.suite.warmup, progress)
+        self.measured = interleave(self.cases, self.suite.reps, self.suite.warmup, progress,
+                                   lead_in_s=self.suite.lead_in_s)
 
     def row(self, case, impl, batch, steps, key="seconds", keep=None, **extra):
         framework = _framework(impl)

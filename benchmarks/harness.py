@@ -6,12 +6,14 @@ in seconds (at least "seconds"; generation cases add e.g. "ttfc" or "t127" marks
 inside the same run). The harness runs all cases of a group in one process, warm-up rounds
 first (excluded from the statistics: they pay for compilation and cache warming), then
 `reps` rounds in which every case runs once, in an order rotated each round, so that machine
-noise (other processes, frequency changes) falls on all sides alike.
-
-Timing must include the device work: jax dispatch is asynchronous, so a jax case calls
-`jax.block_until_ready` on its outputs (or copies them to the host) before the clock stops;
-a torch case copies its result to the host (`.cpu()`, `.item()`), which waits for queued
-CUDA kernels.
+noise (other processes, frequency changes) falls on all sides alike. Before each case it
+waits until the process's threads are idle (`settle`): a framework's worker threads can keep
+spinning after its call returns (ONNX Runtime's spin for ~40 ms by default), and on two cores
+they would take a core from the case that runs next. With `lead_in_s`, a short case is then
+run untimed for that long right before its timed run: on the project's VM a core left idle
+for a fraction of a second runs the next few tens of milliseconds of work markedly slower
+(`benchmarks/results/cpu_quiet.md`), which would bill every case shorter than that for the
+pause before it, and ONNX Runtime, whose threads spin after each call, hides from it.
 """
 
 from __future__ import annotations
@@ -68,16 +70,38 @@ class Measured:
     warmups: list[dict[str, float]]
 
 
+SETTLE_WINDOW_S = 0.005  # `settle` polls the process's CPU time over windows this long
+SETTLE_BUSY = 0.1  # a window whose CPU time is below this fraction of it counts as idle
+SETTLE_MAX_S = 0.5  # and gives up after this long (a thread that never idles)
+LEAD_IN_MAX_CASE_S = 1.0  # cases at least this long warm the cores up themselves: no lead-in
+
+
+def settle(window_s: float = SETTLE_WINDOW_S, busy: float = SETTLE_BUSY, max_s: float = SETTLE_MAX_S) -> float:
+    """Sleeps until this process's threads have (nearly) stopped using CPU; returns the seconds waited.
+
+    The process CPU clock counts every thread, so a thread pool still spinning after the last
+    call shows up as CPU time used while the calling thread sleeps. Waits at least one window.
+    """
+    begin = time.perf_counter()
+    while True:
+        cpu = time.process_time()
+        time.sleep(window_s)
+        idle = time.process_time() - cpu < busy * window_s
+        if idle or time.perf_counter() - begin >= max_s:
+            return time.perf_counter() - begin
+
+
 def interleave(
     cases: Mapping[str, Case],
     reps: int,
     warmup: int = 1,
     progress: Callable[[str], None] | None = None,
+    lead_in_s: float = 0.0,
 ) -> dict[str, Measured]:
     """Runs every case `warmup` times (discarded) then `reps` times, interleaved, without GC.
 
     Round r runs the cases in the given order rotated by r, so no case always runs first or
-    right after an expensive neighbour.
+    right after an expensive neighbour. Before each run the process settles (`settle`).
 
     Args:
       cases: name -> `Case` returning a dict of durations (must contain "seconds").
@@ -85,6 +109,10 @@ def interleave(
       warmup: discarded rounds before the measured ones (>= 0); their durations are kept in
         `Measured.warmups` (the first one includes compilation).
       progress: optional callback given a short description before each run.
+      lead_in_s: before each measured run of a case whose previous run took less than
+        `LEAD_IN_MAX_CASE_S`, run it untimed (`case(True)`) until this many seconds have passed,
+        then time it at once: the measurement of a core that is already busy, as in a loop of
+        calls, instead of one after an idle pause (0: no lead-in).
 
     Returns:
       name -> `Measured`.
@@ -102,8 +130,14 @@ def interleave(
             # As timeit does: no garbage collection inside a timed run (the collector would bill
             # one case for the garbage of the cases before it), a full one before it.
             gc.collect()
+            settle()
             gc.disable()
             try:
+                previous = (out[name].runs or out[name].warmups or [{}])[-1].get("seconds", LEAD_IN_MAX_CASE_S)
+                if r >= warmup and lead_in_s > 0 and previous < LEAD_IN_MAX_CASE_S:
+                    begin = time.perf_counter()
+                    while time.perf_counter() - begin < lead_in_s:
+                        cases[name](True)
                 result = dict(cases[name](r < warmup))
             finally:
                 gc.enable()

@@ -22,6 +22,9 @@ class SuiteConfig:
       model: the model configuration benchmarked (the published one except in tests).
       reps: measured rounds per group (median and spread are over these).
       warmup: discarded rounds first (compilation, caches); their times are reported apart.
+      lead_in_s: the generation and forward groups run each short case untimed for this long
+        right before its timed run (`benchmarks.harness.interleave`); 0 times calls that
+        follow an idle pause.
       gen_steps: characters per row of the batch-1 exact generation (the 400-char ratio).
       gen_mark: the growing-context mark inside it (the 127-char ratio).
       strided_steps: characters of the batch-1 strided generation (the 5000-char ratio).
@@ -55,6 +58,7 @@ class SuiteConfig:
     model: GPTConfig = PUBLISHED
     reps: int = 3
     warmup: int = 1
+    lead_in_s: float = 0.2
     gen_steps: int = 400
     gen_mark: int = 127
     strided_steps: int = 5000
@@ -120,6 +124,7 @@ TINY = SuiteConfig(
     model=GPTConfig(vocab_size=104, context_length=16, model_dim=24, num_blocks=2, num_heads=3),
     reps=2,
     warmup=1,
+    lead_in_s=0.01,
     gen_steps=40,
     gen_mark=15,
     strided_steps=60,

@@ -46,6 +46,54 @@ def test_interleave_excludes_warmups_and_rotates_order():
     assert [w for _, w in order[:3]] == [True] * 3 and not any(w for _, w in order[3:])
 
 
+def test_interleave_waits_for_a_case_s_threads_to_stop_spinning():
+    """A case whose worker thread keeps spinning after it returns (as ONNX Runtime's do) must
+    not share the CPU with the next case: `settle` waits until the process's CPU clock idles."""
+    import threading
+    import time
+
+    spin_s = 0.3  # longer than a full collection of this process takes
+    started = []
+
+    def spinner(warm):
+        def spin(end):
+            while time.perf_counter() < end:
+                pass
+
+        end = time.perf_counter() + spin_s
+        threading.Thread(target=spin, args=(end,), daemon=True).start()
+        started.append(end)
+        return {"seconds": 0.0}
+
+    def after(warm):
+        return {"seconds": 0.0, "spin_left": started[-1] - time.perf_counter()}
+
+    measured = harness.interleave({"spinner": spinner, "after": after}, reps=2, warmup=0)
+    # Round 0 runs spinner then after; round 1 the reverse, so only round 0's "after" follows a spin.
+    assert measured["after"].runs[0]["spin_left"] <= 0
+    # Round 1 ended with a spinner: settle waits it out, then returns at once on an idle process.
+    assert harness.settle() > 0.1
+    assert harness.settle() < 0.1
+
+
+def test_interleave_lead_in_runs_short_cases_untimed_first():
+    calls = {"short": [], "long": []}
+
+    def case(name, seconds):
+        def run(warm):
+            calls[name].append(warm)
+            return {"seconds": seconds}
+
+        return run
+
+    harness.interleave({"short": case("short", 0.0), "long": case("long", 2.0)}, reps=2, warmup=1,
+                       lead_in_s=0.02)
+    # Warm-up rounds get no lead-in; each measured run of the short case follows >= 1 untimed call.
+    assert calls["short"][0] is True and calls["short"].count(False) == 2
+    assert calls["short"][1] is True and calls["short"][-2] is True and len(calls["short"]) > 4
+    assert calls["long"] == [True, False, False]  # at least LEAD_IN_MAX_CASE_S: no lead-in
+
+
 def test_cpu_description_names_the_generation_and_vector_width(tmp_path):
     info = tmp_path / "cpuinfo"
     block = "processor\t: {n}\nmodel name\t: AMD EPYC\ncpu family\t: {fam}\nmodel\t\t: 2\nflags\t\t: fpu avx2 {extra}\n\n"
@@ -207,6 +255,15 @@ def test_tiny_suite_end_to_end(tmp_path, capsys):
         assert ort["max_abs_logit_diff_vs_torch"] < 1e-5 and ort["greedy_vs_jaxgpt"]["agreement"] == 1.0
     assert np.isfinite(doc["flops_per_char"]["window_step"])
     assert "## Ratios" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "11"])
+def test_suite_rejects_a_nonsense_lead_in(value, capsys):
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--tiny", "--lead-in", value])
+    assert e.value.code == 2 and "--lead-in" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- training step
