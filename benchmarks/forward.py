@@ -11,11 +11,9 @@ and `torch.compile`d when asked; the fastest tuned variant (by median) is the ra
 With the `[onnx]` extra the exported notebook model runs on ONNX Runtime at each session
 thread count too (`benchmarks.onnx_runtime`), its fastest variant the baseline of a third ratio.
 
-Each of those cases times one call, right after the other cases of the round: a cold call, which
-on this project's VMs costs XLA:CPU more than the others (its second core's worker contributes
-little after an idle spell; `benchmarks/results/cpu_quiet.md`). The "back to back" cases time
-`BACK_TO_BACK` consecutive calls per run (seconds per call) for jaxgpt and ONNX Runtime, closer
-to a caller that keeps the model busy; they have a ratio of their own.
+Each case times one call. The harness first lets the previous case's threads go idle, then runs
+the case untimed for `suite.lead_in_s` (`benchmarks.harness.interleave`), so the timed call finds
+the cores busy, as in a loop of calls, not cold after a pause.
 """
 
 from __future__ import annotations
@@ -26,9 +24,6 @@ import numpy as np
 
 from benchmarks import roofline
 from benchmarks.harness import interleave, make_result, paired_ratio
-
-BACK_TO_BACK = 5  # calls per run of a "back to back" case
-BACK = "back to back: "  # the prefix of those cases' names
 
 
 def _torch_case(fn, tokens, ctx_factory, threads=None):
@@ -43,20 +38,18 @@ def _torch_case(fn, tokens, ctx_factory, threads=None):
     return case
 
 
-def _ort_case(ort_model, tokens_np, threads, calls=1):
+def _ort_case(ort_model, tokens_np, threads):
     tokens = tokens_np.astype(np.int64)
 
     def case(warm: bool):
         begin = time.perf_counter()
-        for _ in range(calls):
-            ort_model.logits(tokens, threads)  # returns numpy: synchronous
-        return {"seconds": (time.perf_counter() - begin) / calls}
+        ort_model.logits(tokens, threads)  # returns numpy: synchronous
+        return {"seconds": time.perf_counter() - begin}
 
     return case
 
 
-def _jax_cases(model, tokens_np, calls):
-    """The jaxgpt case of one call and that of `calls` calls back to back, of one compiled forward."""
+def _jax_case(model, tokens_np):
     import jax
     from flax import nnx
 
@@ -67,16 +60,12 @@ def _jax_cases(model, tokens_np, calls):
         tokens=int(np.prod(tokens_np.shape))))
     tokens = jax.device_put(tokens_np)
 
-    def timed(n):
-        def case(warm: bool):
-            begin = time.perf_counter()
-            for _ in range(n):
-                forward(state, tokens).block_until_ready()
-            return {"seconds": (time.perf_counter() - begin) / n}
+    def case(warm: bool):
+        begin = time.perf_counter()
+        forward(state, tokens).block_until_ready()
+        return {"seconds": time.perf_counter() - begin}
 
-        return case
-
-    return timed(1), timed(calls)
+    return case
 
 
 def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
@@ -102,8 +91,8 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         nb_threads, nb_probe = probe_threads({"forward": (1, lambda: models.reference(tokens).cpu())},
                                              suite.torch_threads)
         nb_name = f"notebook model, {plural(nb_threads)}"
-        jax_single, jax_back_to_back = _jax_cases(models.jax, tokens_np, BACK_TO_BACK)
-        cases = {nb_name: _torch_case(models.reference, tokens, torch.no_grad, nb_threads), "jaxgpt": jax_single}
+        cases = {nb_name: _torch_case(models.reference, tokens, torch.no_grad, nb_threads),
+                 "jaxgpt": _jax_case(models.jax, tokens_np)}
         for n in dict.fromkeys([torch.get_num_threads(), *suite.torch_threads]):
             cases[f"torch tuned eager, {plural(n)}"] = _torch_case(models.tuned, tokens, torch.inference_mode, n)
         if compiled_forward is not None:
@@ -112,14 +101,11 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         if models.ort is not None:  # every session thread count, the fastest median counting
             for n in models.ort.threads:
                 cases[f"onnxruntime, {plural(n)}"] = _ort_case(models.ort, tokens_np, n)
-                cases[f"{BACK}onnxruntime, {plural(n)}"] = _ort_case(models.ort, tokens_np, n, BACK_TO_BACK)
-            cases[f"{BACK}jaxgpt"] = jax_back_to_back
         probes = {nb_name: nb_probe}
         measured = interleave(cases, suite.reps, suite.warmup, progress, lead_in_s=suite.lead_in_s)
         flops = roofline.flops_forward(cfg, batch, length)
         for impl, m in measured.items():
-            side = impl.removeprefix(BACK)
-            framework = "jax" if side == "jaxgpt" else "onnxruntime" if side.startswith("onnxruntime") else "torch"
+            framework = "jax" if impl == "jaxgpt" else "onnxruntime" if impl.startswith("onnxruntime") else "torch"
             row = make_result(f"forward b{batch} t{length}", framework, impl, batch, length, m)
             if impl in probes:
                 row["thread_probe"] = {str(n): v for n, v in probes[impl].items()}
@@ -127,16 +113,11 @@ def run(models, suite, limits=None, progress=None) -> tuple[list[dict], dict]:
         fastest = lambda prefix: min((k for k in measured if k.startswith(prefix)),
                                      key=lambda k: np.median([r["seconds"] for r in measured[k].runs]), default=None)
         baselines = [(nb_name, "notebook"), (fastest("torch tuned"), "tuned")]
-        pairs = [(slow, "jaxgpt", label) for slow, label in baselines]
         if models.ort is not None:
-            pairs += [(fastest("onnxruntime"), "jaxgpt", "ort"),
-                      (fastest(f"{BACK}onnxruntime"), f"{BACK}jaxgpt", "ort_back_to_back")]
-        for slow, fast, label in pairs:
-            what = f"forward logits ({batch}, {length}): jaxgpt vs {slow}"
-            if fast.startswith(BACK):
-                what = (f"forward logits ({batch}, {length}), {BACK_TO_BACK} calls back to back: jaxgpt vs "
-                        f"{slow.removeprefix(BACK)}")
+            baselines.append((fastest("onnxruntime"), "ort"))
+        for slow, label in baselines:
             ratios[f"forward_b{batch}_t{length}_vs_{label}"] = {
-                "what": what, **paired_ratio(measured[slow].runs, measured[fast].runs),
+                "what": f"forward logits ({batch}, {length}): jaxgpt vs {slow}",
+                **paired_ratio(measured[slow].runs, measured["jaxgpt"].runs),
             }
     return rows, ratios
