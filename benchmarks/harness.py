@@ -14,6 +14,11 @@ run untimed for that long right before its timed run: on the project's VM a core
 for a fraction of a second runs the next few tens of milliseconds of work markedly slower
 (`benchmarks/results/cpu_quiet.md`), which would bill every case shorter than that for the
 pause before it, and ONNX Runtime, whose threads spin after each call, hides from it.
+
+Timing must include the device work: jax dispatch is asynchronous, so a jax case calls
+`jax.block_until_ready` on its outputs (or copies them to the host) before the clock stops;
+a torch case copies its result to the host (`.cpu()`, `.item()`), which waits for queued
+CUDA kernels.
 """
 
 from __future__ import annotations
@@ -91,6 +96,13 @@ def settle(window_s: float = SETTLE_WINDOW_S, busy: float = SETTLE_BUSY, max_s: 
             return time.perf_counter() - begin
 
 
+def _lead_in(case: Case, seconds: float) -> None:
+    """Runs `case(True)` untimed, again and again, until `seconds` have passed (none if <= 0)."""
+    begin = time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        case(True)
+
+
 def interleave(
     cases: Mapping[str, Case],
     reps: int,
@@ -134,10 +146,8 @@ def interleave(
             gc.disable()
             try:
                 previous = (out[name].runs or out[name].warmups or [{}])[-1].get("seconds", LEAD_IN_MAX_CASE_S)
-                if r >= warmup and lead_in_s > 0 and previous < LEAD_IN_MAX_CASE_S:
-                    begin = time.perf_counter()
-                    while time.perf_counter() - begin < lead_in_s:
-                        cases[name](True)
+                if r >= warmup and previous < LEAD_IN_MAX_CASE_S:
+                    _lead_in(cases[name], lead_in_s)
                 result = dict(cases[name](r < warmup))
             finally:
                 gc.enable()
