@@ -8,7 +8,7 @@ first (excluded from the statistics: they pay for compilation and cache warming)
 `reps` rounds in which every case runs once, in an order rotated each round, so that machine
 noise (other processes, frequency changes) falls on all sides alike. Before each case it
 waits until the process's threads are idle (`settle`): a framework's worker threads can keep
-spinning after its call returns (ONNX Runtime's spin for ~40 ms by default), and on two cores
+spinning after its call returns (ONNX Runtime's do by default), and on two cores
 they would take a core from the case that runs next. With `lead_in_s`, a short case is then
 run untimed for that long right before its timed run: on the project's VM a core left idle
 for a fraction of a second runs the next few tens of milliseconds of work markedly slower

@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, model.config.context_length))
     device_tokens = jax.device_put(tokens.astype(np.int32))
-    calls = {"jaxgpt": lambda: forward(state, device_tokens).block_until_ready(), **_ort_calls(jaxgpt.DEFAULT_WEIGHTS, model, tokens)}
+    calls = {"jaxgpt": lambda: forward(state, device_tokens).block_until_ready(),
+             **_ort_calls(jaxgpt.DEFAULT_WEIGHTS, model, tokens)}
     for name, call in calls.items():
         for _ in range(10):
             call()
