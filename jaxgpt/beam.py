@@ -353,6 +353,6 @@ def beam_search_text(model, prompt: str, num_chars: int, beams: int = 4, *, stop
     for row, score, stopped in zip(result.tokens[0], result.scores[0], result.stopped[0]):
         text = vocab.decode(row[row >= 0])
         if stopped:
-            text = text[: -len(next(s for s in stops if text.endswith(s)))]
+            text = text[: -max(len(s) for s in stops if text.endswith(s))]  # the longest, as `complete` trims
         texts.append((text, float(score)))
     return texts

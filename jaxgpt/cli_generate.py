@@ -88,7 +88,7 @@ def generate_command(weights, vocab, prompts, num_chars, seed, temperature, top_
         from jaxgpt.sharding import resolve_devices
 
         resolve_devices(devices, name="--devices")
-    model, path, characters, _ = load_model(weights, vocab)
+    model, path, characters, vocab_source = load_model(weights, vocab)
     config = model.config
     if beams is not None:  # jaxgpt/cli_beam.py
         from jaxgpt.cli_beam import run_beams
@@ -98,6 +98,8 @@ def generate_command(weights, vocab, prompts, num_chars, seed, temperature, top_
                              seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              repetition_penalty=repetition_penalty, ban=ban, logprobs=logprobs, batch=batch,
                              slots=slots, mode=mode, stride=stride))
+    if logprobs and not as_json:
+        raise click.UsageError("--logprobs needs --json: the text output has no place for log-probabilities")
     rows = [p for p in (prompts or ("",)) for _ in range(batch)]
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty, stop=list(stops),
@@ -114,7 +116,9 @@ def generate_command(weights, vocab, prompts, num_chars, seed, temperature, top_
     loaded = time.perf_counter()
     try:
         if as_json:
-            first_chunk, count = _write_json(events, rows, characters, dict(options, ban=ban), seed, slots, path)
+            run = dict(seed=seed, num_chars=num_chars, options=dict(options, ban=ban), slots=slots, weights=path,
+                       vocab=vocab_source if os.path.isfile(vocab_source) else None)  # None: the published map
+            first_chunk, count = _write_json(events, rows, characters, run)
         else:
             first_chunk, count = _write_samples(events, len(rows), streaming)
     except BrokenPipeError:  # e.g. `jaxgpt generate | head`: stop quietly, as other tools do
@@ -149,8 +153,8 @@ def _write_samples(events, rows: int, streaming: bool) -> tuple[float, int]:
     return first_chunk or time.perf_counter(), count
 
 
-def _write_json(events, rows: list[str], vocab, options: dict, seed: int, slots, weights: str) -> tuple[float, int]:
-    """One JSON object per sample, in order, once each is finished."""
+def _write_json(events, rows: list[str], vocab, run: dict) -> tuple[float, int]:
+    """One JSON object per sample, in order, once each is finished (`run`: what every record repeats)."""
     first_chunk, count = None, 0
     parts: dict[int, list] = {r: [] for r in range(len(rows))}
     written = 0
@@ -159,22 +163,23 @@ def _write_json(events, rows: list[str], vocab, options: dict, seed: int, slots,
         parts[event.tag].append(event)
         count += len(event.tokens)
         while written < len(rows) and parts[written] and parts[written][-1].finish_reason is not None:
-            print(json.dumps(_record(written, rows[written], parts.pop(written), vocab, options, seed, slots, weights)),
-                  flush=True)
+            print(json.dumps(_record(written, rows[written], parts.pop(written), vocab, run)), flush=True)
             written += 1
     return first_chunk or time.perf_counter(), count
 
 
-def _record(index: int, prompt: str, events: list, vocab, options: dict, seed: int, slots, weights: str) -> dict:
+def _record(index: int, prompt: str, events: list, vocab, run: dict) -> dict:
+    """A sample's JSON: its text and log-probabilities, and what reproduces it (`run`'s seed,
+    num_chars, options, slots, weights and vocab, and the sample's random stream)."""
     from jaxgpt.requests import completion_from_events
 
     done = completion_from_events(events, vocab)
-    options = {k: v for k, v in options.items() if k != "logit_bias"}  # --ban says it (JSON has no -inf)
+    options = {k: v for k, v in run["options"].items() if k != "logit_bias" and v not in (None, [], ())}
     return {"index": index, "prompt": prompt, "text": done.text, "finish_reason": done.finish_reason,
-              "logprobs": None if done.logprobs is None else [float(x) for x in done.logprobs],
-              "top_logprobs": done.top_logprobs, "seed": seed, "stream": index,
-              "options": {k: v for k, v in options.items() if v not in (None, [], ())}, "slots": slots,
-              "weights": weights}
+            "logprobs": None if done.logprobs is None else [float(x) for x in done.logprobs],
+            "top_logprobs": done.top_logprobs, "seed": run["seed"], "stream": index,
+            "num_chars": run["num_chars"], "options": options,  # --ban says what logit_bias would (JSON has no -inf)
+            "slots": run["slots"], "weights": run["weights"], "vocab": run["vocab"]}
 
 
 def register(app) -> None:

@@ -78,6 +78,20 @@ def _lockstep(batcher: Batcher, prompts, num_new: int, options: Options, seed: i
         sent = target
 
 
+LOCKSTEP_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "logit_bias", "mode", "stride")
+"""The `Options` fields `stream_text` and `generate` take: every row runs for exactly the number
+of characters asked, so stop strings (and log-probabilities, which they cannot return) belong
+to `jaxgpt.complete` and `jaxgpt.stream_completions`."""
+
+
+def _lockstep_options(options: dict) -> Options:
+    unknown = sorted(set(options) - set(LOCKSTEP_OPTIONS))
+    if unknown:
+        raise ValueError(f"unexpected option(s) {', '.join(unknown)}: this call takes {', '.join(LOCKSTEP_OPTIONS)}"
+                         " (stop strings and log-probabilities: jaxgpt.complete or stream_completions)")
+    return Options(**options)
+
+
 def stream_tokens(model, context, num_new: int, *, seed: int = 0, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, mode: str = "exact",
                   stride: int | None = None, chunk_size: int | None = None,
@@ -140,7 +154,9 @@ def stream_text(model, prompt: str | Sequence[str] = "", num_chars: int = 500, *
       batch: number of samples for a single prompt string (rows are independent draws).
       vocab: a `Vocab` or a vocabulary JSON path; default: the published 104-character map.
       chunk_size: characters per yielded chunk (default: all at once).
-      seed, devices, **options: as `stream_tokens` (temperature, top_k, top_p, mode, stride).
+      seed, devices: as `stream_tokens`.
+      **options: `LOCKSTEP_OPTIONS` (temperature, top_k, top_p, min_p, repetition_penalty,
+        logit_bias, mode, stride), see `jaxgpt.Options`.
 
     Yields:
       lists of B strings.
@@ -157,7 +173,7 @@ def stream_text(model, prompt: str | Sequence[str] = "", num_chars: int = 500, *
     num_chars = positive_int(num_chars, "the number of new tokens")
     integer(seed, "seed", 0, 2**32 - 1)
     chunk_size = num_chars if chunk_size is None else positive_int(chunk_size, "chunk_size")
-    row_options = Options(**options)
+    row_options = _lockstep_options(options)
     row_options.keep(model.config.context_length)
     batcher = Batcher(model, len(prompts), vocab=vocab, devices=devices)
     chunks = _lockstep(batcher, ids, num_chars, row_options, int(seed), chunk_size)
@@ -173,7 +189,7 @@ def generate(model, prompt: str = "", num_chars: int = 500, *,
       prompt: text to continue; "" starts from the notebook's seed token (newline).
       num_chars: characters to generate (>= 1); the prompt is not repeated.
       vocab: a `Vocab` or vocabulary JSON path; default: the published 104-character map.
-      **options: seed, temperature, top_k, top_p, mode, stride, devices, as in `stream_tokens`.
+      **options: seed, devices and `LOCKSTEP_OPTIONS`, as in `stream_text`.
 
     Returns:
       The generated characters.

@@ -54,8 +54,12 @@ class Options:
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        elif self.stop is None:
+            object.__setattr__(self, "stop", ())
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
         elif not isinstance(self.stop, tuple):
-            object.__setattr__(self, "stop", tuple(self.stop) if self.stop is not None else ())
+            raise ValueError(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
         number(self.temperature, "temperature", 0)
         if self.top_k is not None:
             integer(self.top_k, "top_k", 1)

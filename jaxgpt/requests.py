@@ -72,6 +72,8 @@ def _prepare(model, prompts, max_chars, seed, vocab, devices, slots, chunk_size,
         options["stop"] = _stop_rows(options["stop"])
     if "logprobs" in options:  # complete's 0 (none) is Options' None; Options' 0 (chosen only) is not offered
         lp = options["logprobs"]
+        if isinstance(lp, np.ndarray):  # per-row values, as every other option accepts them
+            lp = lp.tolist() if lp.ndim else lp.item()
         options["logprobs"] = [None if n == 0 else n for n in lp] if isinstance(lp, (list, tuple)) else (
             None if lp == 0 and not isinstance(lp, bool) else lp)
     unknown = set(options) - set(_OPTION_NAMES)
@@ -189,10 +191,18 @@ def _stop_rows(stop):
         return ()
     if isinstance(stop, str):
         return (stop,)
-    stop = list(stop)
+    if not isinstance(stop, (list, tuple)):
+        raise ValueError(f"stop must be a string, a list of strings, or one list of strings per prompt; got "
+                         f"{type(stop).__name__}")
     if _is_stop_list(stop):
         return tuple(stop)
-    return [() if s is None else ((s,) if isinstance(s, str) else tuple(s)) for s in stop]
+    rows = []
+    for s in stop:
+        if s is not None and not isinstance(s, (str, list, tuple)):
+            raise ValueError(f"stop must be a string, a list of strings, or one list of strings per prompt; got "
+                             f"an entry {s!r}")
+        rows.append(() if s is None else ((s,) if isinstance(s, str) else tuple(s)))
+    return rows
 
 
 __all__ = ["Completion", "Options", "complete", "stream_completions"]

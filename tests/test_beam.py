@@ -171,6 +171,16 @@ def test_text_form(pair):
     assert any(len(text) < 24 for text, _ in stopped)
 
 
+def test_text_form_trims_the_longest_matching_stop(pair):
+    # beams=1 is greedy: at the first occurrence of character c = text[i], the text ends with
+    # both c and text[i-1:i+1]; the two-character stop is the one that is cut, whatever the order
+    _, model = pair
+    text = beam_search_text(model, "ROMEO:", 40, beams=1)[0][0]
+    i = next(i for i in range(1, len(text)) if text[i] not in text[:i])
+    for stops in ([text[i], text[i - 1:i + 1]], [text[i - 1:i + 1], text[i]]):
+        assert beam_search_text(model, "ROMEO:", 40, beams=1, stop=stops)[0][0] == text[:i - 1]
+
+
 @pytest.mark.parametrize("kwargs,error", [
     (dict(beams=0), "beams must be"), (dict(beams=105), "beams must be"), (dict(beams=True), "beams must be"),
     (dict(num_new=0), "positive integer"), (dict(stop=""), "stop must be"), (dict(stop=[3]), "stop must be"),

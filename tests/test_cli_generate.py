@@ -139,7 +139,8 @@ def _errors(weights, tmp_path):
         (["--weights", weights, "--repetition-penalty", "-1"], "repetition_penalty must be"),
         (["--weights", weights, "--stop", "\u4e2d"], "stop string '\u4e2d' has characters outside the vocabulary"),
         (["--weights", weights, "--ban", "\u4e2d"], "logit_bias character '\u4e2d'"),
-        (["--weights", weights, "--logprobs", "-2"], "logprobs must be"),
+        (["--weights", weights, "--logprobs", "-2", "--json"], "logprobs must be"),
+        (["--weights", weights, "--logprobs", "2"], "--logprobs needs --json"),
         (["--weights", weights, "--slots", "0"], "slots must be a positive integer"),
         (["--weights", weights, "--prompt", "a", "--prompt", "\u4e2d"], "characters not in the vocabulary"),
     ]
@@ -207,6 +208,7 @@ def test_several_prompts_json_stop_and_ban(weights, model, capsys):
         np.testing.assert_allclose(record["logprobs"], completion.logprobs, rtol=0, atol=1e-7)
         assert [list(d) for d in record["top_logprobs"]] == [list(d) for d in completion.top_logprobs]
         assert record["seed"] == 3 and record["options"]["temperature"] == 0.9
+        assert record["num_chars"] == 40 and record["vocab"] is None  # None: the published map
     # A stop string from that text ends the sample before it; --ban removes characters.
     want = jaxgpt.complete(model, "", 40, seed=3, temperature=0.9) * 2  # alone: stream 0
     stop = want[1].text[10:12]

@@ -226,14 +226,21 @@ def test_logprobs_zero_and_top_logprobs(pair):
     (dict(stop=list("abcde")), "at most 4 stop strings"),
     (dict(prompts=["a", "\u4e2d", "b"]), "not in the vocabulary"),
     (dict(seed=-1), "seed"),
+    (dict(stop=5), "stop must be"),
+    (dict(stop=[5, 6, 7]), "stop must be"),
+    (dict(stop=[["a"], 5, None]), "stop must be"),
 ])
-def test_bad_options_raise_before_anything_runs(pair, kw, message):
+def test_bad_options_raise_before_anything_runs(pair, kw, message, monkeypatch):
     _, sampler = pair
     kw = dict(dict(prompts=["a", "bc", ""], max_chars=5), **kw)
-    before = dict(engine.TRACE_COUNTS)
+
+    def ran(*args, **kwargs):
+        raise AssertionError("an engine program ran before the options were checked")
+
+    for program in ("prefill", "insert", "generate"):
+        monkeypatch.setattr(engine, program, ran)
     with pytest.raises(ValueError, match=message):
         complete(sampler, kw.pop("prompts"), kw.pop("max_chars"), **kw)
-    assert dict(engine.TRACE_COUNTS) == before
 
 
 def test_new_values_never_recompile(pair):
@@ -296,3 +303,21 @@ def test_logprobs_zero_alternatives_through_the_batcher(pair):
     assert all(e.top_ids.shape == (len(e.tokens), 0) and e.logprobs.shape == (len(e.tokens),) for e in events)
     want = complete(sampler, "ab", 6, logprobs=1, slots=2)[0]
     np.testing.assert_array_equal(np.concatenate([e.logprobs for e in events]), want.logprobs)
+
+
+def test_logprobs_as_a_numpy_array_is_per_row(pair):
+    _, sampler = pair
+    got = complete(sampler, ["a", "bc"], 6, temperature=0.0, logprobs=np.array([0, 3]))
+    assert got[0].logprobs is None and got[1].logprobs is not None and len(got[1].top_logprobs[0]) == 3
+    assert [c.text for c in got] == [c.text for c in complete(sampler, ["a", "bc"], 6, temperature=0.0)]
+
+
+@pytest.mark.parametrize("option", [dict(stop="a"), dict(logprobs=2), dict(unknown=1)])
+def test_lockstep_views_refuse_what_only_requests_can_return(pair, option):
+    # generate and stream_text return exactly num_chars per row: a stop string would never let
+    # a row get there, and they have nowhere to put log-probabilities
+    _, sampler = pair
+    with pytest.raises(ValueError, match="unexpected option.*jaxgpt.complete"):
+        jaxgpt.generate(sampler, "ab", 12, **option)
+    with pytest.raises(ValueError, match="unexpected option"):
+        jaxgpt.stream_text(sampler, "ab", 12, **option)
