@@ -239,7 +239,7 @@ def search(graphdef, state, stream, prompt_len, num_new, stops, stop_valid, *, b
     return s
 
 
-search = engine._for_platform(search, static_argnames=("beams",))
+search = engine._for_platform(search, static_argnames=("beams",), options=engine.LOOP_OPTIONS)
 
 
 # ----------------------------------------------------------------------------- API

@@ -68,6 +68,15 @@ RUNNING, LENGTH, STOP = 0, 1, 2  # `Slots.finish` codes
 # analysis every cache was copied twice per step. Passed only when compiling for CPU devices.
 COMPILER_OPTIONS = {"cpu": {"xla_cpu_copy_insertion_use_region_analysis": True}}
 
+# XLA:CPU's matrix-product library. Its default, YNNPACK, is the faster one for the products of
+# a whole prompt (`prefill`); a decode step multiplies one row per slot by every weight matrix,
+# where Eigen's kernels are the faster ones, so the loops made of such steps (`generate` here,
+# `jaxgpt.beam`'s search) compile their products with Eigen. The two libraries round products
+# differently (logits move by ~1e-5), so programs compared bit for bit must be compiled alike.
+# Figures: benchmarks/results/decode_dots_cpu.md (`python -m benchmarks.tools.dot_library`).
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions: dots go to Eigen
+LOOP_OPTIONS = {"cpu": {**COMPILER_OPTIONS["cpu"], **EIGEN_DOTS}}
+
 
 class Static:
     """A value as jit's static argument, hashed once (GraphDefs and PyTreeDefs walk their whole
@@ -202,12 +211,14 @@ def _flatten(state):
     return hit[1], hit[2]
 
 
-def _for_platform(fn, donate_argnums=(), static_argnames=()):
-    """`fn(graphdef, state, *args)` jitted once per platform (that of `state`), with its `COMPILER_OPTIONS`.
+def _for_platform(fn, donate_argnums=(), static_argnames=(), options=None):
+    """`fn(graphdef, state, *args)` jitted once per platform (that of `state`).
 
     graphdef is static, and fn's keyword arguments `static_argnames`; the state travels as its
-    leaves (see `_flatten`); `donate_argnums` count fn's positional arguments.
+    leaves (see `_flatten`); `donate_argnums` count fn's positional arguments. `options`: XLA
+    compiler options by platform (default `COMPILER_OPTIONS`; `LOOP_OPTIONS` for decode loops).
     """
+    options = COMPILER_OPTIONS if options is None else options
     programs: dict[str, Callable] = {}
 
     def flat(graphdef, tree, leaves, *args, **kwargs):
@@ -222,7 +233,7 @@ def _for_platform(fn, donate_argnums=(), static_argnames=()):
         platform = (next(iter(leaf.sharding.device_set)).platform if isinstance(leaf, jax.Array)
                     else jax.default_backend())
         if platform not in programs:
-            programs[platform] = jax.jit(flat, compiler_options=COMPILER_OPTIONS.get(platform), static_argnums=(0, 1),
+            programs[platform] = jax.jit(flat, compiler_options=options.get(platform), static_argnums=(0, 1),
                                          static_argnames=static_argnames,
                                          donate_argnums=tuple(i + 1 for i in donate_argnums))
         return programs[platform](graphdef, tree, leaves, *args, **kwargs)
@@ -460,4 +471,4 @@ def _stop_match(recent, stops, lengths):
     return jnp.max(jnp.where(hit, lengths, 0), axis=-1)
 
 
-generate = _for_platform(generate, donate_argnums=(2,))
+generate = _for_platform(generate, donate_argnums=(2,), options=LOOP_OPTIONS)

@@ -35,6 +35,7 @@ from flax import nnx
 from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import Split, get_batch
+from jaxgpt.engine import EIGEN_DOTS
 from jaxgpt.model import GPT
 from jaxgpt.runs import HISTORY_FILE, open_run
 from jaxgpt.validation import integer, number, positive_int
@@ -44,7 +45,6 @@ from jaxgpt.validation import integer, number, positive_int
 # one for small steps, Eigen's from this many token rows per device on (B x T per device;
 # benchmarks/results/onnx_notes.md and train_step_cpu.md have the figures).
 EIGEN_DOTS_MIN_ROWS = 4096
-EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions: dots go to Eigen
 
 
 def step_compiler_options(mesh=None, tokens: int | None = None) -> dict | None:
