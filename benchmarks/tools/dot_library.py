@@ -1,7 +1,7 @@
 """Which XLA:CPU matrix-product library suits each compiled loop: YNNPACK (the default) or Eigen.
 
     python -m benchmarks.tools.dot_library [--cases 1x1,1x127,8x127,1x400] [--rounds 9]
-        [--beam-rounds 6] [--score-chars 600] [--lead-in 0.2]
+        [--beam-rounds 6] [--score-chars 600] [--lead-in 0.2]     (0 rounds / chars: no such case)
 
 Compiles the generation loop (`jaxgpt.engine.generate`), beam search (`jaxgpt.beam.search`) and
 the scoring windows (`jaxgpt.score`) twice each, with YNNPACK's products and with Eigen's
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="1x1,8x1,1x127,8x127,1x400", help="generation cases BxN")
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--beam-rounds", type=int, default=6)
+    parser.add_argument("--beam-rounds", type=int, default=6, help="0: no beam search case")
     parser.add_argument("--score-chars", type=int, default=600, help="0: no scoring case")
     parser.add_argument("--lead-in", type=float, default=0.2)
     args = parser.parse_args(argv)
@@ -91,8 +91,9 @@ def main(argv=None) -> int:
         return jaxgpt.score(sampler, text)
     score_work.__name__ = f"score {len(text)} chars"
 
-    groups = [([generation(b, n) for b, n in cases], args.rounds, args.lead_in),
-              ([beam_work], args.beam_rounds, 0.0)]
+    groups = [([generation(b, n) for b, n in cases], args.rounds, args.lead_in)]
+    if args.beam_rounds:
+        groups.append(([beam_work], args.beam_rounds, 0.0))
     if text:
         groups.append(([score_work], max(1, args.beam_rounds // 2), 0.0))
     try:
