@@ -195,7 +195,8 @@ def test_bad_input(pair, kwargs, error):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(jaxgpt.DEFAULT_WEIGHTS), reason="the default checkpoint is not installed")
-def test_trained_weights_match_torch():
+@pytest.mark.parametrize("beams", [1, 2, 5])
+def test_trained_weights_match_torch(beams):
     model = load_weights(jaxgpt.DEFAULT_WEIGHTS)
     cfg = model.config
     ref = make_reference(cfg.variant, vocab_size=cfg.vocab_size, context_length=cfg.context_length,
@@ -203,8 +204,8 @@ def test_trained_weights_match_torch():
     ref.load_state_dict(torch.load(jaxgpt.DEFAULT_WEIGHTS, weights_only=True))
     context = np.stack([VOCAB.encode("ROMEO:\n"), VOCAB.encode("JULIET:")])
     num_new = cfg.context_length + 10
-    ours = beam_search(model, context, num_new, beams=5)
-    tokens, scores = reference_beam_search(ref, torch.from_numpy(context).long(), num_new, 5, cfg.context_length)
+    ours = beam_search(model, context, num_new, beams=beams)
+    tokens, scores = reference_beam_search(ref, torch.from_numpy(context).long(), num_new, beams, cfg.context_length)
     np.testing.assert_array_equal(ours.tokens, tokens.numpy())
     np.testing.assert_allclose(ours.scores, scores.numpy(), atol=1e-4, rtol=0)
 
