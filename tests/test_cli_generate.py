@@ -218,3 +218,19 @@ def test_several_prompts_json_stop_and_ban(weights, model, capsys):
     banned = want[1].text[0] + want[1].text[5]
     code, out, _ = run(["--weights", weights, "--num-chars", "60", "--seed", "3", "--ban", banned, "-q"], capsys)
     assert code == 0 and len(out) == 60 and not set(banned) & set(out)
+
+
+def test_min_p_repetition_penalty_and_slots_reach_the_engine(weights, model, capsys):
+    """The CLI's filters and slot count give what `complete` gives with the same values."""
+    argv = ["--weights", weights, "--prompt", "ROMEO:", "--prompt", "a", "--num-chars", "30", "--seed", "5",
+            "--min-p", "0.05", "--repetition-penalty", "1.3", "--slots", "4", "--json", "-q"]
+    code, out, err = run(argv, capsys)
+    assert code == 0 and err == ""
+    records = [json.loads(line) for line in out.splitlines()]
+    want = jaxgpt.complete(model, ["ROMEO:", "a"], 30, seed=5, min_p=0.05, repetition_penalty=1.3, slots=4)
+    assert [r["text"] for r in records] == [c.text for c in want]
+    plain = jaxgpt.complete(model, ["ROMEO:", "a"], 30, seed=5, slots=4)
+    assert [c.text for c in want] != [c.text for c in plain]  # the options changed something
+    assert all(r["slots"] == 4 and r["options"]["min_p"] == 0.05 and r["options"]["repetition_penalty"] == 1.3
+               for r in records)
+

@@ -321,3 +321,15 @@ def test_lockstep_views_refuse_what_only_requests_can_return(pair, option):
         jaxgpt.generate(sampler, "ab", 12, **option)
     with pytest.raises(ValueError, match="unexpected option"):
         jaxgpt.stream_text(sampler, "ab", 12, **option)
+
+
+@pytest.mark.parametrize("mode", ["exact", "strided"])
+def test_a_scalar_seed_gives_generate_tokens_rows(pair, mode):
+    # complete(seed=s) gives row r the stream (s, r), as generate_tokens does for the same rows
+    _, sampler = pair
+    prompt = VOCAB.encode("abc")
+    got = complete(sampler, ["abc"] * 3, C + 8, seed=9, temperature=0.9, mode=mode)
+    want = jaxgpt.generate_tokens(sampler, np.stack([prompt] * 3), C + 8, seed=9, temperature=0.9, mode=mode)
+    np.testing.assert_array_equal(np.stack([c.tokens for c in got]), want)
+    assert len({c.text for c in got}) == 3  # three streams, three texts
+
