@@ -174,11 +174,12 @@ def _record(index: int, prompt: str, events: list, vocab, run: dict) -> dict:
     from jaxgpt.requests import completion_from_events
 
     done = completion_from_events(events, vocab)
+    # --ban says what logit_bias would (JSON has no -inf)
     options = {k: v for k, v in run["options"].items() if k != "logit_bias" and v not in (None, [], ())}
     return {"index": index, "prompt": prompt, "text": done.text, "finish_reason": done.finish_reason,
             "logprobs": None if done.logprobs is None else [float(x) for x in done.logprobs],
             "top_logprobs": done.top_logprobs, "seed": run["seed"], "stream": index,
-            "num_chars": run["num_chars"], "options": options,  # --ban says what logit_bias would (JSON has no -inf)
+            "num_chars": run["num_chars"], "options": options,
             "slots": run["slots"], "weights": run["weights"], "vocab": run["vocab"]}
 
 

@@ -191,16 +191,15 @@ def _stop_rows(stop):
         return ()
     if isinstance(stop, str):
         return (stop,)
+    forms = "stop must be a string, a list of strings, or one list of strings per prompt"
     if not isinstance(stop, (list, tuple)):
-        raise ValueError(f"stop must be a string, a list of strings, or one list of strings per prompt; got "
-                         f"{type(stop).__name__}")
+        raise ValueError(f"{forms}; got {type(stop).__name__}")
     if _is_stop_list(stop):
         return tuple(stop)
     rows = []
     for s in stop:
         if s is not None and not isinstance(s, (str, list, tuple)):
-            raise ValueError(f"stop must be a string, a list of strings, or one list of strings per prompt; got "
-                             f"an entry {s!r}")
+            raise ValueError(f"{forms}; got an entry {s!r}")
         rows.append(() if s is None else ((s,) if isinstance(s, str) else tuple(s)))
     return rows
 

@@ -233,4 +233,3 @@ def test_min_p_repetition_penalty_and_slots_reach_the_engine(weights, model, cap
     assert [c.text for c in want] != [c.text for c in plain]  # the options changed something
     assert all(r["slots"] == 4 and r["options"]["min_p"] == 0.05 and r["options"]["repetition_penalty"] == 1.3
                for r in records)
-

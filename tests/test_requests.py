@@ -332,4 +332,3 @@ def test_a_scalar_seed_gives_generate_tokens_rows(pair, mode):
     want = jaxgpt.generate_tokens(sampler, np.stack([prompt] * 3), C + 8, seed=9, temperature=0.9, mode=mode)
     np.testing.assert_array_equal(np.stack([c.tokens for c in got]), want)
     assert len({c.text for c in got}) == 3  # three streams, three texts
-

@@ -4,8 +4,8 @@
 
 Compiles `jaxgpt.engine.generate` (the generation loop) for the published configuration twice,
 as shipped (`engine.LOOP_OPTIONS["cpu"]`: XLA:CPU copy insertion with region analysis, Eigen's
-products) and without region analysis, and prints for each: the number of whole-cache copies per iteration of
-the compiled decode loop (XLA copies every block's KV cache when it cannot prove the attention
+products) and without region analysis, and prints for each: the number of whole-cache copies per
+iteration of the compiled decode loop (XLA copies every block's KV cache when it cannot prove the attention
 read comes before the in-place write of the new position), and the time of
 `--steps` decode steps from a one-token prompt (median over `--rounds` interleaved rounds).
 Both programs must produce the same tokens; the script checks it.
