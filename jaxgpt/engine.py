@@ -22,11 +22,13 @@ min(N, REFILL_GROUP) rows whatever their number, the prefill runs alone at batch
 a request gives the same bits in any slot beside any other requests. Different N are different
 programs whose logits may differ in the last bits.
 
-The loop runs pure decode steps while no live slot needs a refill (no `lax.cond` around the
-cache there: on CPU a cond costs a copy of its operands), then one mixed step (decode for the
-slots with room, refill for the full ones, REFILL_GROUP windows per forward pass, so a step with
-few full slots does not re-encode all N windows), and so on, until `num_steps` steps
-or until every slot is idle: a batch whose rows have all finished spends no further steps.
+The loop runs pure decode steps while no live slot needs a refill, mixed steps (decode for the
+slots with room, refill for the full ones) while both kinds are live, and pure refill steps while
+every live slot is full, each kind in its own while loop, so no step computes what none of its
+rows needs, without a `lax.cond` (on CPU a cond costs a copy of its operands, the caches among
+them); and so on, until `num_steps` steps or until every slot is idle: a batch whose rows have all
+finished spends no further steps. A refill re-encodes REFILL_GROUP windows per forward pass, so a
+step with few full slots does not re-encode all N windows.
 A refill re-encodes C positions whatever the row's `keep` (its later positions are masked):
 encoding strided rows C // 2 + 1 wide in a second loop made every exact full-window step
 slower (benchmarks/results/engine_ab_cpu.md).
@@ -361,7 +363,10 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps, until_finish) 
         return s.active & (s.length >= c)
 
     def decode(s: Slots, rows):  # decode `pending` for the rows with room (others: junk, discarded)
-        logits, cache = model.decode(s.pending[:, None], s.cache, jnp.minimum(s.length, c - 1))
+        # Rows that do not decode here (idle, or full and refilled next) use position 0: their
+        # output is discarded, and a blocked decode then reads only what the live rows need.
+        positions = jnp.where(rows, jnp.minimum(s.length, c - 1), 0)
+        logits, cache = model.decode(s.pending[:, None], s.cache, positions)
         grow = rows & (s.length < c)
         window = jnp.where(grow[:, None] & (jnp.arange(c) == s.length[:, None]), s.pending[:, None], s.window)
         return s._replace(cache=cache, window=window, length=s.length + grow), logits
@@ -384,26 +389,37 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps, until_finish) 
         s, logits = decode(s, s.active)
         return _emit(i, s, logits, out)
 
-    def mixed_step(loop):  # some live slot is full; the others may decode
+    def mixed_step(loop):  # some live slots are full, the others decode
         i, s, out = loop
         full = needs_refill(s)
-        rows = s.active & ~full
-        s, decoded = jax.lax.cond(jnp.any(rows), lambda s: decode(s, rows),
-                                  lambda s: (s, jnp.zeros((n, v), jnp.float32)), s)
+        s, decoded = decode(s, s.active & ~full)
         s, refilled = refill(s, full)
         return _emit(i, s, jnp.where(full[:, None], refilled, decoded), out)
+
+    def refill_step(loop):  # every live slot is full
+        i, s, out = loop
+        s, refilled = refill(s, needs_refill(s))
+        return _emit(i, s, refilled, out)
 
     def running(loop):
         active = loop[1].active
         freed = jnp.any(slots.active & ~active)  # some slot finished during this call
         return (loop[0] < num_steps) & jnp.any(active) & ~(until_finish & freed)
 
-    def decode_run(loop):  # pure decode steps while no live slot is full
-        return jax.lax.while_loop(lambda l: running(l) & ~jnp.any(needs_refill(l[1])), decode_step, loop)
+    def kinds(loop):  # (some live slot is full, some live slot has room)
+        s = loop[1]
+        full = needs_refill(s)
+        return jnp.any(full), jnp.any(s.active & ~full)
 
-    loop = decode_run((jnp.int32(0), slots, out))
-    # Here either the run is over or some live slot is full: a mixed step, then decode again.
-    _, slots, out = jax.lax.while_loop(running, lambda l: decode_run(mixed_step(l)), loop)
+    # Each kind of step has its own loop, which runs while the slots' state calls for it, so no
+    # step computes what none of its rows needs; a `lax.cond` inside one step would cost a copy
+    # of every cache on XLA:CPU. Every pass of the outer loop runs at least one step.
+    def runs(loop):
+        loop = jax.lax.while_loop(lambda l: running(l) & ~kinds(l)[0], decode_step, loop)
+        loop = jax.lax.while_loop(lambda l: running(l) & kinds(l)[0] & kinds(l)[1], mixed_step, loop)
+        return jax.lax.while_loop(lambda l: running(l) & ~kinds(l)[1], refill_step, loop)
+
+    _, slots, out = jax.lax.while_loop(running, runs, (jnp.int32(0), slots, out))
     return slots, out
 
 

@@ -178,17 +178,11 @@ class Attention(nnx.Module):
         """
         qkv = self._qkv(x)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # (B, H, 1, K) each
-        scale = math.sqrt(self.head_size)
+        attend = _attend_in_blocks if decodes_in_blocks(x.shape[0]) else _attend_whole_cache
         # The cache is read as it was before this call and written afterwards, not written and
         # read back: XLA can then update it in place (with copy-insertion region analysis, see
         # engine.py) instead of copying every block's cache on every step.
-        cached = jnp.einsum("bhtk,bhks->bhts", q, cache.k) / scale  # (B, H, 1, C)
-        cached = jnp.where(jnp.arange(cached.shape[-1]) < positions[:, None, None, None], cached, -jnp.inf)
-        own = jnp.einsum("bhtk,bhsk->bhts", q, k) / scale  # (B, H, 1, 1)
-        probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=-1), axis=-1)  # (B, H, 1, C + 1)
-        c = cached.shape[-1]
-        heads = (jnp.einsum("bhts,bhsk->bthk", probs[..., :c], cache.v)
-                 + jnp.einsum("bhts,bhsk->bthk", probs[..., c:], v))  # (B, 1, H, K)
+        heads = attend(q, k, v, cache, positions)  # (B, 1, H, K)
         rows = jnp.arange(x.shape[0])
         cache = LayerCache(cache.k.at[rows, :, :, positions].set(k[:, :, 0].astype(cache.k.dtype), mode="drop"),
                            cache.v.at[rows, :, positions, :].set(v[:, :, 0].astype(cache.v.dtype), mode="drop"))
@@ -208,6 +202,71 @@ class Attention(nnx.Module):
             return heads
         w = self.out_kernel[...]
         return project(heads, w.reshape(-1, w.shape[-1])) + self.out_bias[...]
+
+
+# A decode step of this many rows or more reads the KV cache in blocks of DECODE_BLOCK positions,
+# only as many blocks as the furthest row needs (`_attend_in_blocks`); fewer rows read the whole
+# cache in two batched products (`_attend_whole_cache`), whose per-block loop overhead would
+# outweigh the positions saved. Figures: benchmarks/results/decode_attention_cpu.md.
+BLOCKED_DECODE_ROWS = 8
+DECODE_BLOCK = 16
+
+
+def decodes_in_blocks(rows: int) -> bool:
+    """Whether a decode step of `rows` rows reads the cache in blocks (`_attend_in_blocks`)."""
+    return rows >= BLOCKED_DECODE_ROWS
+
+
+def _attend_whole_cache(q, k, v, cache: LayerCache, positions):
+    """Each row's query over all C cached positions (those at or after `positions[b]` masked) and itself.
+
+    q, k, v: `(B, H, 1, K)` the new token's; cache as `Attention.decode`'s. Returns `(B, 1, H, K)`.
+    """
+    scale = math.sqrt(q.shape[-1])
+    cached = jnp.einsum("bhtk,bhks->bhts", q, cache.k) / scale  # (B, H, 1, C)
+    cached = jnp.where(jnp.arange(cached.shape[-1]) < positions[:, None, None, None], cached, -jnp.inf)
+    own = jnp.einsum("bhtk,bhsk->bhts", q, k) / scale  # (B, H, 1, 1)
+    probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=-1), axis=-1)  # (B, H, 1, C + 1)
+    c = cached.shape[-1]
+    return (jnp.einsum("bhts,bhsk->bthk", probs[..., :c], cache.v)
+            + jnp.einsum("bhts,bhsk->bthk", probs[..., c:], v))  # (B, 1, H, K)
+
+
+def _attend_in_blocks(q, k, v, cache: LayerCache, positions):
+    """`_attend_whole_cache`'s attention, reading only the cache blocks below max(positions).
+
+    A running (online) softmax: it starts from the row's own position and takes in one block
+    of DECODE_BLOCK cached positions per loop iteration, rescaling what it has when a block
+    holds a larger score. A block wholly masked for a row leaves that row's running values
+    exactly as they were (its scores are -inf: weights 0, rescale exp(0) = 1), so a row's bits
+    do not depend on how many blocks the other rows of the batch make the loop read.
+
+    q, k, v: `(B, H, 1, K)` the new token's; cache as `Attention.decode`'s. Returns `(B, 1, H, K)`.
+    """
+    scale = math.sqrt(q.shape[-1])
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, H, K)
+    c = cache.k.shape[-1]
+    size = DECODE_BLOCK if c % DECODE_BLOCK == 0 else c  # blocks must tile the cache
+
+    def block(j, running):
+        best, total, weighted = running  # (B, H), (B, H), (B, H, K)
+        start = j * size
+        keys = jax.lax.dynamic_slice_in_dim(cache.k, start, size, axis=3)  # (B, H, K, S)
+        values = jax.lax.dynamic_slice_in_dim(cache.v, start, size, axis=2)  # (B, H, S, K)
+        # Products written as multiply-and-sum: XLA fuses them into one pass over the block,
+        # where a batched matrix product of B x H tiny matrices pays a call per matrix.
+        scores = jnp.sum(q[..., None] * keys, axis=2) / scale  # (B, H, S)
+        scores = jnp.where(start + jnp.arange(size) < positions[:, None, None], scores, -jnp.inf)
+        new_best = jnp.maximum(best, scores.max(axis=-1))
+        weights = jnp.exp(scores - new_best[..., None])  # (B, H, S)
+        rescale = jnp.exp(best - new_best)
+        return (new_best, total * rescale + weights.sum(axis=-1),
+                weighted * rescale[..., None] + jnp.sum(weights[..., None] * values, axis=2))
+
+    own = jnp.sum(q * k, axis=-1) / scale  # (B, H): the running maximum starts finite
+    blocks = (jnp.max(positions) + size - 1) // size
+    _, total, weighted = jax.lax.fori_loop(0, blocks, block, (own, jnp.ones_like(own), v))
+    return (weighted / total[..., None])[:, None]  # (B, 1, H, K)
 
 
 class MLP(nnx.Module):

@@ -188,6 +188,49 @@ def test_decode_takes_one_position_per_row():
     np.testing.assert_allclose(np.asarray(logits), full[np.arange(3), positions], rtol=0, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("context", [48, 12])  # 3 blocks of DECODE_BLOCK; one block of the whole cache
+def test_blocked_decode_of_many_rows_matches_the_full_forward_and_ignores_the_other_rows(context):
+    """From BLOCKED_DECODE_ROWS rows a decode step reads the cache in blocks, as many as the
+    furthest row needs: each row still equals its own full forward, and its bits do not change
+    when the other rows make the loop read more blocks (all at position 0 against all at the end)."""
+    from jaxgpt import model as model_module
+
+    rows = model_module.BLOCKED_DECODE_ROWS + 2
+    config = GPTConfig(vocab_size=9, context_length=context, model_dim=12, num_blocks=2, num_heads=3)
+    model = model_from_params(random_params(config, 9), config)
+    tokens = np.random.default_rng(9).integers(0, 9, size=(rows, context))
+    full = np.asarray(jitted_logits(model)(tokens))
+    graphdef, state = nnx.split(model)
+    cache = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).prefill(t, c))(state, tokens, init_cache(config, rows))
+    decode = jax.jit(lambda s, t, c, p: nnx.merge(graphdef, s).decode(t, c, p)[0])
+    positions = np.array([0, 1, 15, 16, 17, 31, 32, 33, context - 2, context - 1][:rows], np.int32) % context
+    step = tokens[np.arange(rows), positions][:, None]
+    logits = np.asarray(decode(state, step, cache, positions))
+    np.testing.assert_allclose(logits, full[np.arange(rows), positions], rtol=0, atol=1e-5)
+    for row in (1, 3, rows - 1):
+        for others in (0, context - 1):
+            moved = np.full(rows, others, np.int32)
+            moved[row] = positions[row]
+            alone = np.asarray(decode(state, tokens[np.arange(rows), moved][:, None], cache, moved))
+            np.testing.assert_array_equal(alone[row], logits[row])
+
+
+def test_blocked_and_whole_cache_attention_agree():
+    """The two decode attentions on the same random queries, keys, values and cache."""
+    from jaxgpt import model as model_module
+    from jaxgpt.model import LayerCache
+
+    rng = np.random.default_rng(10)
+    b, h, k, c = 5, 3, 7, 64
+    q, key, value = (rng.normal(size=(b, h, 1, k)).astype(np.float32) for _ in range(3))
+    cache = LayerCache(rng.normal(size=(b, h, k, c)).astype(np.float32), rng.normal(size=(b, h, c, k)).astype(np.float32))
+    positions = np.array([0, 5, 16, 40, 63], np.int32)
+    whole = np.asarray(model_module._attend_whole_cache(q, key, value, cache, positions))
+    blocked = np.asarray(jax.jit(model_module._attend_in_blocks)(q, key, value, cache, positions))
+    assert whole.shape == blocked.shape == (b, 1, h, k)
+    np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-6)
+
 @pytest.mark.parametrize("variant", ["drake", "learning"])
 def test_encode_window_gives_the_logits_at_last_and_the_prefill_cache(variant):
     config = GPTConfig(vocab_size=9, context_length=8, model_dim=12, num_blocks=2, num_heads=3, variant=variant)
