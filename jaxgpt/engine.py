@@ -18,18 +18,20 @@ and then samples the next token (`jaxgpt.sampling`) from uniform(fold_in(row key
 
 Bits: within one slot count N, a row's computation depends only on its own state, never on the
 other slots (the steps are batched but row-independent, full windows are re-encoded in groups of
-min(N, REFILL_GROUP) rows whatever their number, the prefill runs alone at batch 1), so
-a request gives the same bits in any slot beside any other requests. Different N are different
+min(N, REFILL_GROUP) rows whatever their number, the prefill runs alone at batch 1; from
+`model.BLOCKED_DECODE_ROWS` slots the decode attention reads as many cache blocks as the furthest
+row needs, and the blocks a row does not need leave its values bit for bit unchanged), so a
+request gives the same bits in any slot beside any other requests. Different N are different
 programs whose logits may differ in the last bits.
 
-The loop runs pure decode steps while no live slot needs a refill, mixed steps (decode for the
-slots with room, refill for the full ones) while both kinds are live, and pure refill steps while
-every live slot is full, each kind in its own while loop, so no step computes what none of its
-rows needs, without a `lax.cond` (on CPU a cond costs a copy of its operands, the caches among
-them); and so on, until `num_steps` steps or until every slot is idle: a batch whose rows have all
-finished spends no further steps. A refill re-encodes REFILL_GROUP windows per forward pass, so a
-step with few full slots does not re-encode all N windows.
-A refill re-encodes C positions whatever the row's `keep` (its later positions are masked):
+The loop has three kinds of step, each in its own while loop that runs while the slots' state
+calls for it: decode steps while no live slot is full, mixed steps (decode for the slots with
+room, refill for the full ones) while both are live, refill steps while every live slot is full.
+No step computes what none of its rows needs, and no `lax.cond` is needed (on CPU a cond costs a
+copy of its operands, the caches among them). It runs until `num_steps` steps or until every slot
+is idle: a batch whose rows have all finished spends no further steps. A refill re-encodes
+REFILL_GROUP windows per forward pass, so a step with few full slots does not re-encode all N
+windows, and C positions whatever the row's `keep` (its later positions are masked):
 encoding strided rows C // 2 + 1 wide in a second loop made every exact full-window step
 slower (benchmarks/results/engine_ab_cpu.md).
 
@@ -145,7 +147,8 @@ class Slots(NamedTuple):
     """The state of N slots between compiled calls (every field has N rows first).
 
     Attributes:
-      cache: KV cache; row b holds the keys and values of window[b, :length[b]].
+      cache: KV cache; a live row b holds the keys and values of window[b, :length[b]] (an idle
+        row's cache is junk until a request is inserted).
       window: int32 `(N, C)` the tokens at cache positions 0..length-1.
       length: int32 `(N,)` cached positions.
       pending: int32 `(N,)` the last token, not yet in the cache.
@@ -411,15 +414,18 @@ def generate(graphdef, state: nnx.State, slots: Slots, num_steps, until_finish) 
         full = needs_refill(s)
         return jnp.any(full), jnp.any(s.active & ~full)
 
+    def while_(kind, step):  # steps while running and `kind(full, room)` holds
+        return lambda loop: jax.lax.while_loop(lambda x: running(x) & kind(*kinds(x)), step, loop)
+
     # Each kind of step has its own loop, which runs while the slots' state calls for it, so no
     # step computes what none of its rows needs; a `lax.cond` inside one step would cost a copy
-    # of every cache on XLA:CPU. Every pass of the outer loop runs at least one step.
-    def runs(loop):
-        loop = jax.lax.while_loop(lambda l: running(l) & ~kinds(l)[0], decode_step, loop)
-        loop = jax.lax.while_loop(lambda l: running(l) & kinds(l)[0] & kinds(l)[1], mixed_step, loop)
-        return jax.lax.while_loop(lambda l: running(l) & ~kinds(l)[1], refill_step, loop)
-
-    _, slots, out = jax.lax.while_loop(running, runs, (jnp.int32(0), slots, out))
+    # of every cache on XLA:CPU. While running, one of the three kinds holds, so every pass of
+    # the outer loop runs at least one step.
+    decode_run = while_(lambda full, room: ~full, decode_step)
+    mixed_run = while_(lambda full, room: full & room, mixed_step)
+    refill_run = while_(lambda full, room: ~room, refill_step)
+    _, slots, out = jax.lax.while_loop(running, lambda x: refill_run(mixed_run(decode_run(x))),
+                                       (jnp.int32(0), slots, out))
     return slots, out
 
 

@@ -178,7 +178,7 @@ class Attention(nnx.Module):
         """
         qkv = self._qkv(x)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # (B, H, 1, K) each
-        attend = _attend_in_blocks if decodes_in_blocks(x.shape[0]) else _attend_whole_cache
+        attend = _attend_in_blocks if decodes_in_blocks(x.shape[0], cache.k.shape[-1]) else _attend_whole_cache
         # The cache is read as it was before this call and written afterwards, not written and
         # read back: XLA can then update it in place (with copy-insertion region analysis, see
         # engine.py) instead of copying every block's cache on every step.
@@ -206,15 +206,16 @@ class Attention(nnx.Module):
 
 # A decode step of this many rows or more reads the KV cache in blocks of DECODE_BLOCK positions,
 # only as many blocks as the furthest row needs (`_attend_in_blocks`); fewer rows read the whole
-# cache in two batched products (`_attend_whole_cache`), whose per-block loop overhead would
-# outweigh the positions saved. Figures: benchmarks/results/decode_attention_cpu.md.
+# cache in two batched products (`_attend_whole_cache`): there the loop's overhead per block
+# outweighs the positions saved. Figures: benchmarks/results/decode_attention_cpu.md.
 BLOCKED_DECODE_ROWS = 8
 DECODE_BLOCK = 16
 
 
-def decodes_in_blocks(rows: int) -> bool:
-    """Whether a decode step of `rows` rows reads the cache in blocks (`_attend_in_blocks`)."""
-    return rows >= BLOCKED_DECODE_ROWS
+def decodes_in_blocks(rows: int, context_length: int) -> bool:
+    """Whether a decode step of `rows` rows reads its cache of `context_length` positions in
+    blocks (`_attend_in_blocks`); only a cache that the blocks tile is read so."""
+    return rows >= BLOCKED_DECODE_ROWS and context_length % DECODE_BLOCK == 0
 
 
 def _attend_whole_cache(q, k, v, cache: LayerCache, positions):
@@ -239,20 +240,22 @@ def _attend_in_blocks(q, k, v, cache: LayerCache, positions):
     of DECODE_BLOCK cached positions per loop iteration, rescaling what it has when a block
     holds a larger score. A block wholly masked for a row leaves that row's running values
     exactly as they were (its scores are -inf: weights 0, rescale exp(0) = 1), so a row's bits
-    do not depend on how many blocks the other rows of the batch make the loop read.
+    do not depend on how many blocks the other rows of the batch make the loop read. The
+    running values are float32 whatever the cache's dtype, and the result has v's dtype.
 
-    q, k, v: `(B, H, 1, K)` the new token's; cache as `Attention.decode`'s. Returns `(B, 1, H, K)`.
+    q, k, v: `(B, H, 1, K)` the new token's; cache as `Attention.decode`'s, C a multiple of
+    DECODE_BLOCK. Returns `(B, 1, H, K)`.
     """
     scale = math.sqrt(q.shape[-1])
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, H, K)
-    c = cache.k.shape[-1]
-    size = DECODE_BLOCK if c % DECODE_BLOCK == 0 else c  # blocks must tile the cache
+    dtype = v.dtype
+    q, k, v = (a[:, :, 0].astype(jnp.float32) for a in (q, k, v))  # (B, H, K)
+    size = DECODE_BLOCK
 
     def block(j, running):
         best, total, weighted = running  # (B, H), (B, H), (B, H, K)
         start = j * size
-        keys = jax.lax.dynamic_slice_in_dim(cache.k, start, size, axis=3)  # (B, H, K, S)
-        values = jax.lax.dynamic_slice_in_dim(cache.v, start, size, axis=2)  # (B, H, S, K)
+        keys = jax.lax.dynamic_slice_in_dim(cache.k, start, size, axis=3).astype(jnp.float32)  # (B, H, K, S)
+        values = jax.lax.dynamic_slice_in_dim(cache.v, start, size, axis=2).astype(jnp.float32)  # (B, H, S, K)
         # Products written as multiply-and-sum: XLA fuses them into one pass over the block,
         # where a batched matrix product of B x H tiny matrices pays a call per matrix.
         scores = jnp.sum(q[..., None] * keys, axis=2) / scale  # (B, H, S)
@@ -266,7 +269,7 @@ def _attend_in_blocks(q, k, v, cache: LayerCache, positions):
     own = jnp.sum(q * k, axis=-1) / scale  # (B, H): the running maximum starts finite
     blocks = (jnp.max(positions) + size - 1) // size
     _, total, weighted = jax.lax.fori_loop(0, blocks, block, (own, jnp.ones_like(own), v))
-    return (weighted / total[..., None])[:, None]  # (B, 1, H, K)
+    return (weighted / total[..., None])[:, None].astype(dtype)  # (B, 1, H, K)
 
 
 class MLP(nnx.Module):

@@ -52,6 +52,7 @@ def generation() -> dict:
     model = GPT(GEN_CONFIG, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(0)
     contexts = {5: rng.integers(0, 12, (5, 5)), 13: rng.integers(0, 12, (13, 5))}
+    contexts[7] = rng.integers(0, 12, (7, 5))  # 7 rows decode whole-cache; padded to 8, in blocks
     tokens = {}
     for batch, context in contexts.items():
         for name, kw in SETTINGS.items():

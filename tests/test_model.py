@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -188,15 +189,16 @@ def test_decode_takes_one_position_per_row():
     np.testing.assert_allclose(np.asarray(logits), full[np.arange(3), positions], rtol=0, atol=1e-5)
 
 
-
-@pytest.mark.parametrize("context", [48, 12])  # 3 blocks of DECODE_BLOCK; one block of the whole cache
+@pytest.mark.parametrize("context", [48, 12])  # 3 blocks of DECODE_BLOCK; 12 is read whole (no multiple of 16)
 def test_blocked_decode_of_many_rows_matches_the_full_forward_and_ignores_the_other_rows(context):
-    """From BLOCKED_DECODE_ROWS rows a decode step reads the cache in blocks, as many as the
-    furthest row needs: each row still equals its own full forward, and its bits do not change
-    when the other rows make the loop read more blocks (all at position 0 against all at the end)."""
+    """From BLOCKED_DECODE_ROWS rows (and a context that DECODE_BLOCK divides) a decode step reads
+    the cache in blocks, as many as the furthest row needs: each row still equals its own full
+    forward, and its bits do not change when the other rows make the loop read more blocks (all
+    at position 0 against all at the end)."""
     from jaxgpt import model as model_module
 
     rows = model_module.BLOCKED_DECODE_ROWS + 2
+    assert model_module.decodes_in_blocks(rows, context) == (context == 48)
     config = GPTConfig(vocab_size=9, context_length=context, model_dim=12, num_blocks=2, num_heads=3)
     model = model_from_params(random_params(config, 9), config)
     tokens = np.random.default_rng(9).integers(0, 9, size=(rows, context))
@@ -230,6 +232,11 @@ def test_blocked_and_whole_cache_attention_agree():
     blocked = np.asarray(jax.jit(model_module._attend_in_blocks)(q, key, value, cache, positions))
     assert whole.shape == blocked.shape == (b, 1, h, k)
     np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-6)
+    # bfloat16 queries over a float32 cache: the running values stay float32, the result bfloat16.
+    half = jax.jit(model_module._attend_in_blocks)(*(a.astype(jnp.bfloat16) for a in (q, key, value)), cache, positions)
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half, np.float32), whole, rtol=0, atol=5e-2)
+
 
 @pytest.mark.parametrize("variant", ["drake", "learning"])
 def test_encode_window_gives_the_logits_at_last_and_the_prefill_cache(variant):

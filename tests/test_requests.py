@@ -105,6 +105,37 @@ def test_a_row_alone_equals_the_row_in_any_batch_with_the_same_slots(pair, mode)
         np.testing.assert_array_equal(a.logprobs, b.logprobs)
 
 
+@pytest.fixture(scope="module")
+def wide_sampler(tmp_path_factory):
+    """The small model with C = 48: a decode step of 8 or more rows reads its cache in 3 blocks."""
+    ref = random_reference("drake", seed=6, **dict(SMALL, context_length=48))
+    path = tmp_path_factory.mktemp("requests_wide") / "weights.pt"
+    torch.save(ref.state_dict(), path)
+    return jaxgpt.Sampler(load_weights(path))
+
+
+@pytest.mark.parametrize("mode", ["exact", "strided"])
+def test_rows_alone_equal_rows_in_a_batch_across_cache_blocks(wide_sampler, mode):
+    """At 8 slots the decode attention reads only the cache blocks the furthest row needs: ragged
+    rows (positions in different blocks, past the window slide) and a batch whose rows all start
+    at position 0 (no block read at the first step) give each row the bits it gets alone."""
+    from jaxgpt import model as model_module
+
+    assert model_module.decodes_in_blocks(8, 48)
+    c = 48
+    prompts = ["", "a", "x" * 17, "To be, or not to be: that is the question", "y" * (c - 1), "z" * (c + 12)]
+    kw = dict(seed=[3, 4, 5, 6, 7, 8], temperature=[1.0, 0.8, 0.0, 1.1, 0.9, 1.0], mode=mode, logprobs=1, slots=8)
+    batch = complete(wide_sampler, prompts, 2 * c + 9, **kw)
+    for r in range(len(prompts)):
+        alone = complete(wide_sampler, prompts[r], 2 * c + 9,
+                         **{k: (v[r] if isinstance(v, list) else v) for k, v in kw.items()})[0]
+        np.testing.assert_array_equal(alone.logprobs, batch[r].logprobs)  # same bits, not just close
+    fresh = complete(wide_sampler, [""] * 8, 20, seed=list(range(8)), mode=mode, logprobs=1, slots=8)
+    for r in (0, 5):
+        alone = complete(wide_sampler, "", 20, seed=r, mode=mode, logprobs=1, slots=8)[0]
+        np.testing.assert_array_equal(alone.logprobs, fresh[r].logprobs)
+
+
 def test_stop_strings(pair):
     _, sampler = pair
     free = complete(sampler, "ROMEO:", 3 * C, seed=5, temperature=0.9)[0]

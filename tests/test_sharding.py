@@ -62,9 +62,11 @@ def test_the_worker_saw_eight_devices(worker):
 
 
 @pytest.mark.parametrize("setting", ["greedy", "multinomial", "filtered"])
-@pytest.mark.parametrize("batch", [5, 13])
+@pytest.mark.parametrize("batch", [5, 7, 13])
 def test_generation_is_independent_of_the_device_count(worker, setting, batch):
-    """B=13 pads to 14 rows on 2 devices and 16 on 8; B=5 pads to 6 on 2 and uses 5 of the 8."""
+    """B=13 pads to 14 rows on 2 devices and 16 on 8; B=5 pads to 6 on 2 and uses 5 of the 8;
+    B=7 pads to 8 on 2 devices, where the decode attention reads the cache in blocks
+    (`jaxgpt.model.decodes_in_blocks`), against 7 rows that read it whole on one device."""
     tokens = worker["generation"]["tokens"]
     single = np.array(tokens[f"{batch}/{setting}/1"])
     assert single.shape == (batch, 48)
