@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     import jaxgpt
     import porting
     from benchmarks import harness, requests_bench
+    from benchmarks.tools import ab
     from benchmarks.beam_score import _text
     from jaxgpt import engine
     from jaxgpt import model as model_module
@@ -89,16 +90,10 @@ def main(argv=None) -> int:
         engine.generate, model_module.BLOCKED_DECODE_ROWS = variants[variant]
 
     def case(variant, work):
-        def run(warm):
-            use(variant)
-            return harness.timed(lambda: results.__setitem__((variant, work.__name__), work()))
-        return run
+        return ab.variant_case(use, variant, work, results)
 
     def generation(b, n):
-        def work():
-            return jaxgpt.generate_tokens(sampler, np.zeros((b, 1), np.int32), n)
-        work.__name__ = f"generate b{b} n{n}"
-        return work
+        return ab.generation(sampler, b, n)
 
     vocab = jaxgpt.default_vocab()
     requests = requests_bench.ragged_requests(vocab, _text(20_000, vocab))

@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     import jaxgpt
     import porting
     from benchmarks import harness
+    from benchmarks.tools import ab
     from benchmarks.beam_score import CORPUS
     from jaxgpt import beam, engine
     from jaxgpt.cli import default_weights
@@ -71,16 +72,10 @@ def main(argv=None) -> int:
         engine.generate, beam.search, score_module._window_scores = programs[library]
 
     def case(library, work):
-        def run(warm):
-            use(library)
-            return harness.timed(lambda: results.__setitem__((library, work.__name__), work()))
-        return run
+        return ab.variant_case(use, library, work, results)
 
     def generation(b, n):
-        def work():
-            return jaxgpt.generate_tokens(sampler, np.zeros((b, 1), np.int32), n)
-        work.__name__ = f"generate b{b} n{n}"
-        return work
+        return ab.generation(sampler, b, n)
 
     def beam_work():
         result = jaxgpt.beam_search(sampler, np.zeros((1, 1), np.int32), 200, beams=4, devices=1)
