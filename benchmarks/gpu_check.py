@@ -13,6 +13,10 @@ so that no two hold the GPU's memory at once and a failing step does not end the
              the default precision;
   suite      `python -m benchmarks --device gpu --quick` (both frameworks on the GPU, full
              float32), gpu.{json,md,png};
+  attention  `python -m benchmarks.tools.decode_attention` (into gpu_check.log): the decode
+             step's blocked attention against the whole-cache one. The threshold that picks it
+             (`jaxgpt.model.BLOCKED_DECODE_ROWS`) was chosen from CPU measurements alone; this
+             shows whether a GPU wants it too;
   sharding   `python -m benchmarks.sharding --real --max-batch N`, sharding_gpu.{json,md};
   parity     tests/test_parity_logits.py and tests/test_sampling_parity.py on the GPU
              (tests/conftest.py sets "highest" there), the output into parity_gpu.txt. Last:
@@ -74,10 +78,12 @@ def steps(out: str, dry: bool, max_batch: int) -> list[Step]:
         suite = ["--device", "cpu", "--tiny", "--reps", "1",
                  "--only", "limits,generation,forward,train,porting,compile,parity"]
         sharding = ["--tiny", "--batches", "2", "--max-batch", "4", "--num-chars", "8", "--reps", "1"]
+        attention = ["--cases", "8x1", "--rounds", "1"]
         parity = ["-k", DRY_PARITY]
     else:
         suite = ["--device", "gpu", "--quick"]
         sharding = ["--max-batch", str(max_batch), "--reps", "3"]
+        attention = ["--cases", "1x1,8x1,64x1,8x64,64x16,256x16", "--rounds", "5"]
         parity = []
     return [
         Step("env", me + ["--child", "env"] + (["--dry-run"] if dry else []), 5 if dry else 20),
@@ -88,6 +94,8 @@ def steps(out: str, dry: bool, max_batch: int) -> list[Step]:
         Step("suite", py + ["-m", "benchmarks", *suite, "--json", o("gpu.json"), "--markdown", o("gpu.md"),
                             "--plot", o("gpu.png")], 40 if dry else 240,
              env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.35"}),
+        Step("attention", py + ["-m", "benchmarks.tools.decode_attention", *attention, "--ragged-rounds", "0"],
+             20 if dry else 90),
         Step("sharding", py + ["-m", "benchmarks.sharding", "--real", *sharding, "--json", o("sharding_gpu.json"),
                                "--markdown", o("sharding_gpu.md")], 15 if dry else 120),
         Step("parity", py + ["-m", "pytest", *PARITY_TESTS, "-q", "-p", "no:cacheprovider", *parity],

@@ -321,7 +321,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
                           env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]
     check = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [s["name"] for s in check["steps"]] == ["env", "precision", "suite", "sharding", "parity"]
+    assert [s["name"] for s in check["steps"]] == ["env", "precision", "suite", "attention", "sharding", "parity"]
     assert all(s["status"] == "ok" for s in check["steps"]), [(s["name"], s["status"]) for s in check["steps"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(gpu_check.OUTPUTS)  # at most 8 files come back
     report.check_document(json.loads((tmp_path / "gpu.json").read_text()))
@@ -336,5 +336,5 @@ def test_gpu_check_skips_what_the_budget_cannot_fit(tmp_path):
     assert gpu_check.main([str(tmp_path), "--dry-run", "--budget", "1"]) == 1
     steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
     assert steps[0]["status"].startswith("skipped (needs ~5 s, 1 s of the budget left)")
-    assert [s["status"] for s in steps[1:]] == ["skipped (the env step did not pass)"] * 4
+    assert [s["status"] for s in steps[1:]] == ["skipped (the env step did not pass)"] * 5
     assert not (tmp_path / "gpu.json").exists()
