@@ -26,6 +26,7 @@ import argparse
 import ctypes
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,8 @@ def _build(directory: str) -> ctypes.CDLL:
     """Compiles ffi_gemm.cc into `directory` and loads it."""
     import jax
 
+    if shutil.which("g++") is None:
+        raise SystemExit("ffi_gemm: needs g++ on PATH to build its custom call")
     source = os.path.join(os.path.dirname(__file__), "ffi_gemm.cc")
     library = os.path.join(directory, "libjaxgpt_ffi_gemm.so")
     subprocess.run(["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", source,
