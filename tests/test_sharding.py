@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -136,12 +137,24 @@ def test_a_batch_that_does_not_split_is_refused(worker):
 
 # The words of gloo's connection message ("[Gloo] Rank 1 is connected to 3 peer ranks. Expected
 # number of connected peer ranks is : 3"); gloo writes it piece by piece from its own threads, so
-# its pieces can land on lines of their own. A line of only these words and numbers is gloo's.
+# its pieces can land on lines of their own, or run into another rank's message with no space
+# between ("... is : 3[Gloo] Rank 3 ..."). Numbers and "[Gloo]" are therefore split out of the
+# words first; a line of only these words and numbers is gloo's.
 GLOO_WORDS = {"[Gloo]", "Rank", "is", "connected", "to", "peer", "ranks", "ranks.", "Expected", "number", "of", ":"}
+GLOO_PIECES = re.compile(r"\[Gloo\]|\d+|[^\s\d\[]+|\S")
 
 
 def is_gloo_log(line: str) -> bool:
-    return all(word in GLOO_WORDS or word.isdigit() for word in line.split())
+    return all(word in GLOO_WORDS or word.isdigit() for word in GLOO_PIECES.findall(line))
+
+
+def test_gloo_messages_are_told_from_reports():
+    message = "[Gloo] Rank {} is connected to 3 peer ranks. Expected number of connected peer ranks is : 3"
+    assert is_gloo_log(message.format(1))
+    assert is_gloo_log(message.format(2) + message.format(3))  # two ranks' messages run together
+    assert is_gloo_log("[Gloo] Rank [Gloo] Rank 23 is connected to  is connected to 3")  # interleaved pieces
+    assert not is_gloo_log("wrote /tmp/out/weights.pt, /tmp/out/history.json")
+    assert not is_gloo_log(message.format(2) + "step 3")
 
 
 def free_port() -> int:
